@@ -1,0 +1,150 @@
+"""The mHC transformer layer: Megatron's ``TransformerLayer`` with n residual streams.
+
+Each sublayer F (input-norm + attention, pre-MLP-norm + MLP) becomes
+
+    x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)
+
+The layer reuses Megatron's own ``_forward_attention`` / ``_forward_mlp`` unchanged (so layernorm
+recompute, MLP recompute, offloading and the MoE paths keep working) and only swaps the two
+bias-dropout-add modules for ``get_bias_dropout`` — bias and dropout without the residual add — so
+those methods return F(.) alone, and the mHC merge does the residual mixing.
+
+The stream expansion happens inside the model's first layer (global layer number 1) and the merge
+inside its last (``config.num_layers``), so an unmodified ``GPTModel`` / ``TransformerBlock`` works:
+between layers the hidden states are ``[s, b, n*C]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import make_viewless_tensor
+from torch import Tensor
+
+from megatron_mhc.backends import resolve_backend
+from megatron_mhc.config import MHCConfig
+from megatron_mhc.hyper_connection import HyperConnection
+from megatron_mhc.ops import get_backend_ops
+
+
+def _bias_dropout(x_with_bias, residual, prob: float, training: bool) -> Tensor:
+    del residual  # mHC mixes the residual itself (post/res merge)
+    x, bias = x_with_bias
+    if bias is not None:
+        x = x + bias
+    return torch.nn.functional.dropout(x, p=prob, training=training)
+
+
+def get_bias_dropout(training: bool, fused: bool):
+    """Drop-in for Megatron's ``get_bias_dropout_add`` that returns ``dropout(x + bias)``.
+
+    Same calling convention ``f(x_with_bias, residual, prob)``; the residual is ignored.
+    """
+    del fused
+
+    def bias_dropout(x_with_bias, residual, prob):
+        return _bias_dropout(x_with_bias, residual, prob, training)
+
+    return bias_dropout
+
+
+def check_transformer_config(config: TransformerConfig, mhc_config: MHCConfig) -> None:
+    """Refuse Megatron features the mHC layer does not support, naming the flag to change."""
+    problems = []
+    if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
+        problems.append("--cuda-graph-impl must be none with mHC (CUDA graphs are not supported)")
+    if getattr(config, "inference_fuse_tp_communication", False):
+        problems.append("--inference-fuse-tp-communication is not supported with mHC")
+    if getattr(config, "mtp_num_layers", None):
+        problems.append("--mtp-num-layers is not supported with mHC")
+    if (
+        not mhc_config.is_residual
+        and getattr(config, "pipeline_model_parallel_size", 1) > 1
+        and not getattr(config, "mhc_pipeline_hooks_installed", False)
+    ):
+        problems.append(
+            "--pipeline-model-parallel-size > 1 with mHC needs the megatron-mhc pipeline hooks "
+            "(pipeline tensor shapes of n*C); they are not installed"
+        )
+    if problems:
+        raise ValueError("mHC layer: " + "; ".join(problems))
+
+
+class MHCLayerMixin:
+    """Turns a Megatron ``TransformerLayer`` (or subclass) into an mHC layer.
+
+    Use as the first base: ``class X(MHCLayerMixin, TransformerLayer)``. Needs ``mhc_config`` as
+    a constructor keyword (given through the layer spec's ``params``).
+    """
+
+    def __init__(self, *args, mhc_config: Optional[MHCConfig] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mhc_config = mhc_config if mhc_config is not None else MHCConfig()
+        check_transformer_config(self.config, self.mhc_config)
+        self.mhc_backend = resolve_backend(self.mhc_config.kernel_backend)
+        ops = get_backend_ops(self.mhc_backend)
+        self.mhc_ops = ops
+        self.is_first_mhc_layer = self.layer_number == 1
+        self.is_last_mhc_layer = self.layer_number == self.config.num_layers
+        if self.mhc_config.is_residual:
+            self.attn_hc = None
+            self.mlp_hc = None
+        else:
+            self.attn_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
+            self.mlp_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
+
+    def _split_hidden_states(self, args, kwargs) -> Tuple[Tensor, tuple, dict]:
+        if "hidden_states" in kwargs:
+            kwargs = dict(kwargs)
+            return kwargs.pop("hidden_states"), args, kwargs
+        return args[0], args[1:], kwargs
+
+    def forward(self, *args: Any, **kwargs: Any):
+        """Forward of one layer: ``[s, b, C or n*C] -> ([s, b, n*C or C], context)``."""
+        hidden_states, args, kwargs = self._split_hidden_states(args, kwargs)
+        mlp_kwargs = dict(
+            inference_context=kwargs.get("inference_context", None),
+            padding_mask=kwargs.get("padding_mask", None),
+            packed_seq_params=kwargs.get("packed_seq_params", None),
+        )
+        if self.mhc_config.is_residual:
+            y, context = self._forward_attention(hidden_states, *args, **kwargs)
+            x = hidden_states + y.to(hidden_states.dtype)
+            x = x + self._forward_mlp(x, **mlp_kwargs).to(x.dtype)
+            return make_viewless_tensor(x, requires_grad=x.requires_grad, keep_graph=True), context
+
+        n, hidden = self.mhc_config.n, self.config.hidden_size
+        if self.is_first_mhc_layer:
+            if hidden_states.shape[-1] != hidden:
+                raise ValueError(
+                    f"first mHC layer expects [s, b, {hidden}] input, got {tuple(hidden_states.shape)}"
+                )
+            x = self.mhc_ops.expand_streams(hidden_states, n)
+        else:
+            if hidden_states.shape[-1] != n * hidden:
+                raise ValueError(
+                    f"mHC layer {self.layer_number} expects [s, b, n*C = {n * hidden}] input, "
+                    f"got {tuple(hidden_states.shape)}"
+                )
+            x = hidden_states.unflatten(-1, (n, hidden))
+
+        h_pre, h_post, h_res = self.attn_hc.mappings(x)
+        y, context = self._forward_attention(self.attn_hc.aggregate(x, h_pre), *args, **kwargs)
+        x = self.attn_hc.merge(x, y, h_post, h_res)
+
+        h_pre, h_post, h_res = self.mlp_hc.mappings(x)
+        y = self._forward_mlp(self.mlp_hc.aggregate(x, h_pre), **mlp_kwargs)
+        x = self.mlp_hc.merge(x, y, h_post, h_res)
+
+        if self.is_last_mhc_layer:
+            out = self.mhc_ops.merge_streams(x)
+        else:
+            out = x.flatten(-2)
+        return make_viewless_tensor(out, requires_grad=out.requires_grad, keep_graph=True), context
+
+
+class MHCTransformerLayer(MHCLayerMixin, TransformerLayer):
+    """Megatron-Core ``TransformerLayer`` with manifold-constrained hyper-connections."""

@@ -1,0 +1,95 @@
+"""Run Megatron-Core 0.19 on CPU with gloo: opt-in patches for tests and CPU demos.
+
+Megatron-Core assumes CUDA in three places that a small CPU run reaches (see
+shared/notes/megatron-core-on-cpu.md): the global memory buffer, the default causal mask and the
+CUDA RNG tracker. ``patch_megatron_for_cpu()`` replaces them in this process only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+
+import torch
+
+_PATCHED = False
+
+
+def patch_megatron_for_cpu() -> None:
+    """Make Megatron-Core's CUDA-only helpers work on CPU in this process (idempotent)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    from megatron.core import utils as core_utils
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        return torch.empty(tuple(tensor_shape), dtype=dtype)
+
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    def fork(self, name=None):
+        return contextlib.nullcontext()
+
+    core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
+    transformer_utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+    tp_random.CudaRNGStatesTracker.fork = fork
+    _PATCHED = True
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_cpu_distributed(
+    rank: int = 0,
+    world_size: int = 1,
+    port: int | None = None,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    context_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+) -> None:
+    """Start a gloo process group on loopback and Megatron's model-parallel groups on it."""
+    from megatron.core import parallel_state
+
+    patch_megatron_for_cpu()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if port is not None:
+            os.environ["MASTER_PORT"] = str(port)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        torch.distributed.init_process_group(
+            backend="gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=5),
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        distributed_timeout_minutes=5,
+    )
+
+
+def destroy_cpu_distributed() -> None:
+    """Tear down Megatron's groups and the process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,96 @@
+"""Small Megatron-Core GPT models (plain or mHC) for tests and the demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mhc.config import MHCConfig
+from megatron_mhc.specs import get_gpt_layer_with_mhc_spec
+
+
+@dataclass
+class TinyGPTSettings:
+    """Shape and parallelism of a tiny GPT."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: int = 256
+    seq_length: int = 32
+    sequence_parallel: bool = False
+    tensor_model_parallel_size: int = 1
+    params_dtype: torch.dtype = torch.float32
+    extra_config: dict = field(default_factory=dict)
+
+
+def tiny_transformer_config(settings: TinyGPTSettings) -> TransformerConfig:
+    """A ``TransformerConfig`` for CPU runs: RMSNorm, no dropout, no fusions needing CUDA."""
+    kwargs = dict(
+        num_layers=settings.num_layers,
+        hidden_size=settings.hidden_size,
+        num_attention_heads=settings.num_attention_heads,
+        ffn_hidden_size=settings.ffn_hidden_size or 4 * settings.hidden_size,
+        normalization="RMSNorm",
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        add_bias_linear=False,
+        tensor_model_parallel_size=settings.tensor_model_parallel_size,
+        sequence_parallel=settings.sequence_parallel,
+        params_dtype=settings.params_dtype,
+        pipeline_dtype=settings.params_dtype,
+        init_method_std=0.02,
+    )
+    kwargs.update(settings.extra_config)
+    return TransformerConfig(**kwargs)
+
+
+def build_tiny_gpt(
+    settings: TinyGPTSettings, mhc_config: Optional[MHCConfig] = None, plain: bool = False
+) -> GPTModel:
+    """A ``GPTModel`` with the mHC layer spec (``plain=True``: Megatron's own local spec)."""
+    config = tiny_transformer_config(settings)
+    if plain:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_with_mhc_spec(mhc_config, normalization="RMSNorm")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=settings.vocab_size,
+        max_sequence_length=settings.seq_length,
+        position_embedding_type="learned_absolute",
+    )
+
+
+def causal_lm_inputs(tokens: torch.Tensor):
+    """``(input_ids, position_ids, labels, attention_mask)`` for next-token prediction.
+
+    ``tokens [b, s+1]``; the attention mask is Megatron's boolean "True = masked" causal mask.
+    """
+    input_ids = tokens[:, :-1].contiguous()
+    labels = tokens[:, 1:].contiguous()
+    b, s = input_ids.shape
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, device=tokens.device, dtype=torch.bool), diagonal=1)
+    return input_ids, position_ids, labels, mask.view(1, 1, s, s)
+
+
+def lm_loss(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``model`` on ``tokens [b, s+1]``."""
+    input_ids, position_ids, labels, mask = causal_lm_inputs(tokens)
+    per_token = model(input_ids, position_ids, mask, labels=labels)
+    return per_token.float().mean()

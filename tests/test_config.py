@@ -1,0 +1,58 @@
+"""MHCConfig validation: every bad value names its flag and the allowed values."""
+
+import pytest
+
+from megatron_mhc.config import FLAG_NAMES, MHCConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag, allowed",
+    [
+        (dict(variant="mhc2"), "--mhc-variant", "mhc, hc, residual"),
+        (dict(expansion_rate=1), "--mhc-expansion-rate", "2..16"),
+        (dict(expansion_rate=17), "--mhc-expansion-rate", "2..16"),
+        (dict(expansion_rate=2.0), "--mhc-expansion-rate", "2..16"),
+        (dict(variant="residual", expansion_rate=4), "--mhc-expansion-rate", "1 with"),
+        (dict(sinkhorn_iters=0), "--mhc-sinkhorn-iters", "1..1000"),
+        (dict(gate_init=-0.1), "--mhc-gate-init", ">= 0"),
+        (dict(gate_init=float("nan")), "--mhc-gate-init", ">= 0"),
+        (dict(init_method="zeros"), "--mhc-init-method", "default, function_preserving"),
+        (dict(res_init_logit=31.0), "--mhc-res-init-logit", "[0, 30]"),
+        (dict(norm_eps=0.0), "--mhc-norm-eps", "(0, 1)"),
+        (dict(kernel_backend="cuda"), "--mhc-kernel-backend", "auto, torch, triton, tilelang"),
+        (dict(recompute_block=-1), "--mhc-recompute-block", "positive integer"),
+    ],
+)
+def test_bad_values_name_flag_and_allowed(kwargs, flag, allowed):
+    with pytest.raises(ValueError) as err:
+        MHCConfig(**kwargs)
+    assert flag in str(err.value)
+    assert allowed in str(err.value)
+
+
+def test_defaults_and_derived_values():
+    cfg = MHCConfig()
+    assert (cfg.n, cfg.variant, cfg.sinkhorn_iters, cfg.mapping_width) == (4, "mhc", 20, 24)
+    assert MHCConfig(variant="residual").n == 1
+    assert set(cfg.as_dict()) == set(FLAG_NAMES)
+
+
+def test_backend_resolution_is_explicit(monkeypatch):
+    from megatron_mhc import backends
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backends.triton_availability.cache_clear()
+    backends.tilelang_availability.cache_clear()
+    try:
+        assert backends.resolve_backend("torch") == "torch"
+        report = backends.backend_report()
+        assert report["torch"].available
+        if not report["tilelang"].available:
+            with pytest.raises(RuntimeError, match="--mhc-kernel-backend tilelang is not available"):
+                backends.resolve_backend("tilelang")
+        assert backends.resolve_backend("auto") in ("torch", "triton", "tilelang")
+        with pytest.raises(ValueError, match="allowed: auto, torch, triton, tilelang"):
+            backends.resolve_backend("cuda")
+    finally:
+        backends.triton_availability.cache_clear()
+        backends.tilelang_availability.cache_clear()
