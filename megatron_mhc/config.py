@@ -41,7 +41,7 @@ class MHCConfig:
     """Configuration of the manifold-constrained hyper-connections wrapped around each sublayer.
 
     Attributes:
-        expansion_rate: n, the number of residual streams (2..16 for mhc/hc; 1 for residual).
+        expansion_rate: n, the number of residual streams (2..16; forced to 1 for residual).
         variant: ``mhc`` (Sinkhorn-projected H_res), ``hc`` (unconstrained Hyper-Connections with
             tanh on the dynamic part) or ``residual`` (the plain residual stream, n = 1).
         sinkhorn_iters: alternating row/column normalisations in the Sinkhorn-Knopp projection.
@@ -70,12 +70,8 @@ class MHCConfig:
         if self.variant not in VARIANTS:
             raise _bad("variant", self.variant, ", ".join(VARIANTS))
         if self.variant == "residual":
-            if self.expansion_rate not in (1, None):
-                raise _bad(
-                    "expansion_rate",
-                    self.expansion_rate,
-                    "1 with --mhc-variant residual (the plain residual has one stream)",
-                )
+            # The plain residual has one stream: the rate is ignored, so an ablation is exactly
+            # one flag (--mhc-variant) away from the mHC run.
             self.expansion_rate = 1
         elif (
             isinstance(self.expansion_rate, bool)

@@ -2,7 +2,9 @@
 
 Megatron-Core assumes CUDA in three places that a small CPU run reaches (see
 shared/notes/megatron-core-on-cpu.md): the global memory buffer, the default causal mask and the
-CUDA RNG tracker. ``patch_megatron_for_cpu()`` replaces them in this process only.
+CUDA RNG tracker; with tensor/sequence parallelism also the collectives' output buffers, which
+are allocated on ``torch.cuda.current_device()``. ``patch_megatron_for_cpu()`` replaces them in
+this process only, and only when no CUDA device is visible.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def patch_megatron_for_cpu() -> None:
     def fork(self, name=None):
         return contextlib.nullcontext()
 
+    if not torch.cuda.is_available():
+        # Megatron allocates collective outputs with device=torch.cuda.current_device().
+        torch.cuda.current_device = lambda: torch.device("cpu")
     core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mhc.config import MHCConfig
@@ -56,6 +58,25 @@ def tiny_transformer_config(settings: TinyGPTSettings) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
+class CPURMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` that also runs under sequence parallelism (Megatron's torch norm
+    refuses SP; its TE/Apex norms need CUDA): the weight is marked ``sequence_parallel`` so
+    ``finalize_model_grads`` all-reduces its gradient over the TP group."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+
+def tiny_block_spec(layer_spec, num_layers: int) -> TransformerBlockSubmodules:
+    """A block spec of ``num_layers`` copies of ``layer_spec`` with CPU-friendly RMSNorms."""
+    submodules = dataclasses.replace(
+        layer_spec.submodules, input_layernorm=CPURMSNorm, pre_mlp_layernorm=CPURMSNorm
+    )
+    layer_spec = dataclasses.replace(layer_spec, submodules=submodules)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=CPURMSNorm)
+
+
 def build_tiny_gpt(
     settings: TinyGPTSettings, mhc_config: Optional[MHCConfig] = None, plain: bool = False
 ) -> GPTModel:
@@ -69,7 +90,7 @@ def build_tiny_gpt(
         spec = get_gpt_layer_with_mhc_spec(mhc_config, normalization="RMSNorm")
     return GPTModel(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=tiny_block_spec(spec, settings.num_layers),
         vocab_size=settings.vocab_size,
         max_sequence_length=settings.seq_length,
         position_embedding_type="learned_absolute",

@@ -1,0 +1,76 @@
+"""Worker functions run in spawned gloo processes (one per rank) by the distributed tests."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.multiprocessing as mp
+
+from megatron_mhc.testing.megatron_cpu import (
+    destroy_cpu_distributed,
+    free_port,
+    init_cpu_distributed,
+)
+
+
+def spawn(worker, world_size: int, *args) -> None:
+    """Run ``worker(rank, world_size, port, *args)`` in ``world_size`` spawned processes."""
+    port = free_port()
+    mp.start_processes(
+        _entry, args=(worker, world_size, port, args), nprocs=world_size, start_method="spawn"
+    )
+
+
+def _entry(rank, worker, world_size, port, args):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    worker(rank, world_size, port, *args)
+
+
+def fixed_tokens(batch=4, seq=32, vocab=256, seed=7):
+    """The same token batch on every rank."""
+    return torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def tp_loss_and_grads(rank, world_size, port, out_path, sequence_parallel, mhc_kwargs):
+    """One forward/backward of a tiny mHC GPT at TP = world_size; rank 0 saves loss and grads."""
+    from megatron.core.distributed.finalize_model_grads import (
+        _allreduce_non_tensor_model_parallel_grads,
+    )
+
+    from megatron_mhc import MHCConfig
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+
+    init_cpu_distributed(rank, world_size, port, tensor_model_parallel_size=world_size)
+    try:
+        torch.manual_seed(1234)
+        settings = TinyGPTSettings(
+            num_layers=2,
+            tensor_model_parallel_size=world_size,
+            sequence_parallel=sequence_parallel,
+        )
+        model = build_tiny_gpt(settings, MHCConfig(**mhc_kwargs))
+        loss = lm_loss(model, fixed_tokens())
+        loss.backward()
+        # Megatron's own TP grad reduction for sequence-parallel params (finalize_model_grads).
+        model.ddp_config = SimpleNamespace(use_megatron_fsdp=False)
+        _allreduce_non_tensor_model_parallel_grads([model], model.config)
+        result = {
+            "loss": loss.detach(),
+            "grads": {
+                name: p.grad.detach().clone()
+                for name, p in model.named_parameters()
+                if "_hc." in name
+            },
+            "sequence_parallel_flags": [
+                getattr(p, "sequence_parallel", False)
+                for name, p in model.named_parameters()
+                if "_hc." in name
+            ],
+        }
+        if rank == 0:
+            torch.save(result, out_path)
+    finally:
+        destroy_cpu_distributed()
