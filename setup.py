@@ -16,7 +16,7 @@ setup(
     # Kernel sources live in the top-level kernels/ folder and ship as megatron_mhc.kernels.
     package_dir={"megatron_mhc.kernels": "kernels"},
     package_data={"megatron_mhc": ["data/*.gz", "data/*.md"]},
-    install_requires=["torch>=2.6", "megatron-core==0.19.0", "numpy", "tqdm"],
+    install_requires=["torch>=2.6", "megatron-core==0.19.0", "numpy", "tqdm", "psutil"],
     extras_require={
         "triton": ["triton>=3.2"],
         "tilelang": ["tilelang", "tile-kernels"],

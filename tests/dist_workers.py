@@ -74,3 +74,41 @@ def tp_loss_and_grads(rank, world_size, port, out_path, sequence_parallel, mhc_k
             torch.save(result, out_path)
     finally:
         destroy_cpu_distributed()
+
+
+def _train_steps(model, steps, lm_loss):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        loss = lm_loss(model, fixed_tokens(seed=100 + step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def checkpoint_save_or_load(rank, world_size, port, mode, ckpt_dir, out_path, mhc_kwargs):
+    """``mode='save'``: train 3 steps at TP=world_size, save a dist-ckpt and the loss it gives.
+    ``mode='load'``: build a differently seeded model, load the checkpoint, save the loss."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_mhc import MHCConfig
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+
+    init_cpu_distributed(rank, world_size, port, tensor_model_parallel_size=world_size)
+    try:
+        torch.manual_seed(1234 if mode == "save" else 999)
+        settings = TinyGPTSettings(num_layers=2, tensor_model_parallel_size=world_size)
+        model = build_tiny_gpt(settings, MHCConfig(**mhc_kwargs))
+        with torch.no_grad():
+            loss_before = lm_loss(model, fixed_tokens(seed=5))
+        if mode == "save":
+            _train_steps(model, 3, lm_loss)
+            dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+        else:
+            state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+            model.load_state_dict(state)
+        with torch.no_grad():
+            loss = lm_loss(model, fixed_tokens(seed=5))
+        if rank == 0:
+            torch.save({"loss": loss, "loss_before": loss_before}, out_path)
+    finally:
+        destroy_cpu_distributed()

@@ -41,6 +41,8 @@ def patch_megatron_for_cpu() -> None:
     if not torch.cuda.is_available():
         # Megatron allocates collective outputs with device=torch.cuda.current_device().
         torch.cuda.current_device = lambda: torch.device("cpu")
+        # dist-ckpt's writer synchronizes the device before copying tensors.
+        torch.cuda.synchronize = lambda device=None: None
     core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
