@@ -21,7 +21,7 @@ setup(
         "triton": ["triton>=3.2"],
         "tilelang": ["tilelang", "tile-kernels"],
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "triton>=3.2"],
     },
     entry_points={"console_scripts": ["megatron-mhc=megatron_mhc.cli:main"]},
 )

@@ -1,0 +1,1 @@
+"""Embedded data: a public-domain text sample for the demo (see LICENSE-gutenberg.md)."""
