@@ -5,6 +5,12 @@ import sys
 import warnings
 
 import pytest
+import torch
+
+# Triton kernels run under the interpreter on a machine without a GPU. It must be set before the
+# kernels are first imported (triton.jit reads it when it wraps a function).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Spawned worker processes import helpers from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -15,8 +21,6 @@ warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
 @pytest.fixture
 def megatron_cpu():
     """A world-size-1 gloo process group with Megatron's model-parallel groups (TP=PP=1)."""
-    import torch
-
     from megatron_mhc.testing.megatron_cpu import destroy_cpu_distributed, init_cpu_distributed
 
     init_cpu_distributed()

@@ -1,0 +1,386 @@
+"""Triton kernels of mHC (forward and backward), launched from ``triton_ops``.
+
+Layout: tokens are rows. ``x`` is ``[T, n, C]`` contiguous (row stride n*C), the mapping vector is
+``[pre (n) | post (n) | res (n*n, row-major)]`` (M = n*n + 2n values per token). ``NP`` is n padded
+to a power of two; padded lanes are masked (Sinkhorn uses -inf there). All arithmetic is float32.
+"""
+
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm + projection (+ mappings) forward: one read of x gives x @ phi and sum(x^2).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _lse(v, axis: tl.constexpr):
+    """logsumexp along ``axis`` (kept as a broadcastable dim); -inf for an all -inf slice."""
+    m = tl.max(v, axis=axis, keep_dims=True)
+    m = tl.where(m > float("-inf"), m, 0.0)
+    return m + tl.log(tl.sum(tl.exp(v - m), axis=axis, keep_dims=True))
+
+
+@triton.jit
+def mappings_fwd_kernel(
+    x_ptr, phi_ptr, alpha_ptr, bias_ptr,
+    proj_ptr, rinv_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+    T, K, eps,
+    N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, DOT_IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    cols_m = tl.arange(0, BM)
+    acc = tl.zeros([BT, BM], dtype=tl.float32)
+    sumsq = tl.zeros([BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        pt = tl.load(phi_ptr + ks[:, None] * M + cols_m[None, :],
+                     mask=k_ok[:, None] & (cols_m[None, :] < M), other=0.0)
+        # float32 operands: exact products for bf16/fp16 x under tf32 (bf16 fits in tf32), and
+        # ieee for float32 x.
+        xf = xt.to(tl.float32)
+        if DOT_IEEE:
+            acc = tl.dot(xf, pt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xf, pt.to(tl.float32), acc, input_precision="tf32")
+        sumsq += tl.sum(xf * xf, axis=1)
+    rinv = 1.0 / tl.sqrt(sumsq / K + eps)
+    tl.store(rinv_ptr + rows, rinv, mask=row_ok)
+    tl.store(proj_ptr + rows[:, None] * M + cols_m[None, :], acc,
+             mask=row_ok[:, None] & (cols_m[None, :] < M))
+    # Re-read this block's projection in the [token, i, j] shapes the mappings need.
+    tl.debug_barrier()
+    _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+                       rows, row_ok, N, NP, M, VARIANT_MHC, ITERS)
+
+
+@triton.jit
+def _load_logits(proj_ptr, rinv, alpha_ptr, bias_ptr, rows, row_ok,
+                 N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr, VARIANT_MHC: tl.constexpr):
+    """Per-token pre/post [BT, NP] and res [BT, NP, NP] pre-activations, and the dynamic terms."""
+    ii = tl.arange(0, NP)
+    i_ok = ii < N
+    m2 = row_ok[:, None] & i_ok[None, :]
+    m3 = m2[:, :, None] & i_ok[None, None, :]
+    res_off = 2 * N + ii[:, None] * N + ii[None, :]
+    dyn_pre = tl.load(proj_ptr + rows[:, None] * M + ii[None, :], mask=m2, other=0.0) * rinv[:, None]
+    dyn_post = tl.load(proj_ptr + rows[:, None] * M + N + ii[None, :], mask=m2,
+                       other=0.0) * rinv[:, None]
+    dyn_res = tl.load(proj_ptr + rows[:, None, None] * M + res_off[None, :, :], mask=m3,
+                      other=0.0) * rinv[:, None, None]
+    a_pre = tl.load(alpha_ptr + 0)
+    a_post = tl.load(alpha_ptr + 1)
+    a_res = tl.load(alpha_ptr + 2)
+    b_pre = tl.load(bias_ptr + ii, mask=i_ok, other=0.0)
+    b_post = tl.load(bias_ptr + N + ii, mask=i_ok, other=0.0)
+    b_res = tl.load(bias_ptr + res_off, mask=i_ok[:, None] & i_ok[None, :], other=0.0)
+    if VARIANT_MHC:
+        z_pre = a_pre * dyn_pre + b_pre[None, :]
+        z_post = a_post * dyn_post + b_post[None, :]
+        z_res = a_res * dyn_res + b_res[None, :, :]
+    else:
+        z_pre = a_pre * _tanh(dyn_pre) + b_pre[None, :]
+        z_post = a_post * _tanh(dyn_post) + b_post[None, :]
+        z_res = a_res * _tanh(dyn_res) + b_res[None, :, :]
+    return z_pre, z_post, z_res, dyn_pre, dyn_post, dyn_res, m2, m3
+
+
+@triton.jit
+def _tanh(v):
+    e = tl.exp(-2.0 * tl.abs(v))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(v >= 0, t, -t)
+
+
+@triton.jit
+def _sinkhorn_half_step(v, m3, axis: tl.constexpr):
+    v = v - _lse(v, axis)
+    return tl.where(m3, v, float("-inf"))
+
+
+@triton.jit
+def _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+                       rows, row_ok, N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
+                       VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr):
+    z_pre, z_post, z_res, _a, _b, _c, m2, m3 = _load_logits(
+        proj_ptr, rinv, alpha_ptr, bias_ptr, rows, row_ok, N, NP, M, VARIANT_MHC)
+    ii = tl.arange(0, NP)
+    if VARIANT_MHC:
+        h_pre = tl.sigmoid(z_pre)
+        h_post = 2.0 * tl.sigmoid(z_post)
+        v = tl.where(m3, z_res, float("-inf"))
+        for _ in range(ITERS):
+            v = _sinkhorn_half_step(v, m3, 2)
+            v = _sinkhorn_half_step(v, m3, 1)
+        h_res = tl.exp(v)
+    else:
+        h_pre = z_pre
+        h_post = z_post
+        h_res = z_res
+    tl.store(h_pre_ptr + rows[:, None] * N + ii[None, :], h_pre, mask=m2)
+    tl.store(h_post_ptr + rows[:, None] * N + ii[None, :], h_post, mask=m2)
+    tl.store(h_res_ptr + rows[:, None, None] * (N * N) + ii[None, :, None] * N + ii[None, None, :],
+             h_res, mask=m3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mappings backward: per token, from dH to d(proj), d(rinv) and per-token alpha/bias grads.
+# The Sinkhorn backward recomputes the iterations on chip, keeping only the per-step logsumexp
+# vectors (NP floats each) in a scratch row of this token; v_{k-1} = v_k + lse_k rebuilds the
+# iterates in reverse, and softmax(v_{k-1}) = exp(v_k).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def mappings_bwd_kernel(
+    proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
+    dh_pre_ptr, dh_post_ptr, dh_res_ptr,
+    dproj_ptr, drinv_ptr, dalpha_ptr, dbias_ptr, lse_scratch_ptr,
+    T,
+    N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
+    VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    rinv = tl.load(rinv_ptr + rows, mask=row_ok, other=0.0)
+    z_pre, z_post, z_res, dyn_pre, dyn_post, dyn_res, m2, m3 = _load_logits(
+        proj_ptr, rinv, alpha_ptr, bias_ptr, rows, row_ok, N, NP, M, VARIANT_MHC)
+    ii = tl.arange(0, NP)
+    res_idx = rows[:, None, None] * (N * N) + ii[None, :, None] * N + ii[None, None, :]
+    dh_pre = tl.load(dh_pre_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
+    dh_post = tl.load(dh_post_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
+    dh_res = tl.load(dh_res_ptr + res_idx, mask=m3, other=0.0)
+    a_pre = tl.load(alpha_ptr + 0)
+    a_post = tl.load(alpha_ptr + 1)
+    a_res = tl.load(alpha_ptr + 2)
+    if VARIANT_MHC:
+        s_pre = tl.sigmoid(z_pre)
+        s_post = tl.sigmoid(z_post)
+        dz_pre = dh_pre * s_pre * (1.0 - s_pre)
+        dz_post = dh_post * 2.0 * s_post * (1.0 - s_post)
+        # Forward recompute, saving each half-step's logsumexp vector.
+        scratch = lse_scratch_ptr + rows * (2 * ITERS * NP)
+        v = tl.where(m3, z_res, float("-inf"))
+        for it in range(ITERS):
+            lse_r = _lse(v, 2)
+            v = tl.where(m3, v - lse_r, float("-inf"))
+            tl.store(scratch[:, None, None] + (2 * it) * NP + ii[None, :, None], lse_r,
+                     mask=row_ok[:, None, None])
+            lse_c = _lse(v, 1)
+            v = tl.where(m3, v - lse_c, float("-inf"))
+            tl.store(scratch[:, None, None] + (2 * it + 1) * NP + ii[None, None, :], lse_c,
+                     mask=row_ok[:, None, None])
+        tl.debug_barrier()
+        p = tl.exp(v)
+        dv = dh_res * p
+        for it2 in range(ITERS):
+            it = ITERS - 1 - it2
+            # Column half-step (2*it + 1): v_out = v_in - lse_c(v_in).
+            dv = tl.where(m3, dv - p * tl.sum(dv, axis=1, keep_dims=True), 0.0)
+            lse_c = tl.load(scratch[:, None, None] + (2 * it + 1) * NP + ii[None, None, :],
+                            mask=row_ok[:, None, None], other=0.0)
+            v = tl.where(m3, v + lse_c, float("-inf"))
+            p = tl.exp(v)
+            # Row half-step (2*it).
+            dv = tl.where(m3, dv - p * tl.sum(dv, axis=2, keep_dims=True), 0.0)
+            lse_r = tl.load(scratch[:, None, None] + (2 * it) * NP + ii[None, :, None],
+                            mask=row_ok[:, None, None], other=0.0)
+            v = tl.where(m3, v + lse_r, float("-inf"))
+            p = tl.exp(v)
+        dz_res = dv
+        # d(dyn) and the gate grads: z = a * dyn + b.
+        g_pre = dz_pre * a_pre
+        g_post = dz_post * a_post
+        g_res = dz_res * a_res
+        da_pre = tl.sum(dz_pre * dyn_pre, axis=1)
+        da_post = tl.sum(dz_post * dyn_post, axis=1)
+        da_res = tl.sum(tl.sum(dz_res * dyn_res, axis=2), axis=1)
+    else:
+        # z = a * tanh(dyn) + b.
+        t_pre = _tanh(dyn_pre)
+        t_post = _tanh(dyn_post)
+        t_res = _tanh(dyn_res)
+        dz_pre = dh_pre
+        dz_post = dh_post
+        dz_res = dh_res
+        g_pre = dz_pre * a_pre * (1.0 - t_pre * t_pre)
+        g_post = dz_post * a_post * (1.0 - t_post * t_post)
+        g_res = dz_res * a_res * (1.0 - t_res * t_res)
+        da_pre = tl.sum(dz_pre * t_pre, axis=1)
+        da_post = tl.sum(dz_post * t_post, axis=1)
+        da_res = tl.sum(tl.sum(dz_res * t_res, axis=2), axis=1)
+    # dyn = proj * rinv: d(proj) = g * rinv, d(rinv) = sum(g * proj) = sum(g * dyn) / rinv.
+    dproj_pre = g_pre * rinv[:, None]
+    dproj_post = g_post * rinv[:, None]
+    dproj_res = g_res * rinv[:, None, None]
+    # Per token: drinv = sum_m g_m * proj_m, and proj_m = dyn_m / rinv (rinv > 0 always).
+    d_rinv = (tl.sum(g_pre * dyn_pre, axis=1) + tl.sum(g_post * dyn_post, axis=1)
+              + tl.sum(tl.sum(g_res * dyn_res, axis=2), axis=1)) / rinv
+    tl.store(drinv_ptr + rows, d_rinv, mask=row_ok)
+    res_off = 2 * N + ii[:, None] * N + ii[None, :]
+    tl.store(dproj_ptr + rows[:, None] * M + ii[None, :], dproj_pre, mask=m2)
+    tl.store(dproj_ptr + rows[:, None] * M + N + ii[None, :], dproj_post, mask=m2)
+    tl.store(dproj_ptr + rows[:, None, None] * M + res_off[None, :, :], dproj_res, mask=m3)
+    tl.store(dbias_ptr + rows[:, None] * M + ii[None, :], dz_pre, mask=m2)
+    tl.store(dbias_ptr + rows[:, None] * M + N + ii[None, :], dz_post, mask=m2)
+    tl.store(dbias_ptr + rows[:, None, None] * M + res_off[None, :, :], dz_res, mask=m3)
+    tl.store(dalpha_ptr + rows * 3 + 0, da_pre, mask=row_ok)
+    tl.store(dalpha_ptr + rows * 3 + 1, da_post, mask=row_ok)
+    tl.store(dalpha_ptr + rows * 3 + 2, da_res, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm + projection backward: dx = dproj @ phi^T + coef * x, dphi = x^T @ dproj (per T-split).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def norm_proj_bwd_kernel(
+    x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr,
+    T, K, rows_per_split,
+    M: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    split = tl.program_id(1)
+    ks = kb * BK + tl.arange(0, BK)
+    k_ok = ks < K
+    cols_m = tl.arange(0, BM)
+    m_ok = cols_m < M
+    phi_t = tl.load(phi_ptr + ks[:, None] * M + cols_m[None, :],
+                    mask=k_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)  # [BK, BM]
+    dphi = tl.zeros([BK, BM], dtype=tl.float32)
+    t_begin = split * rows_per_split
+    for t0 in range(t_begin, t_begin + rows_per_split, BT):
+        rows = t0 + tl.arange(0, BT)
+        row_ok = rows < T
+        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xf = xt.to(tl.float32)
+        dp = tl.load(dproj_ptr + rows[:, None] * M + cols_m[None, :],
+                     mask=row_ok[:, None] & m_ok[None, :], other=0.0)  # [BT, BM] fp32
+        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+        if DOT_IEEE:
+            dxt = tl.dot(dp, tl.trans(phi_t), input_precision="ieee")
+            dphi = tl.dot(tl.trans(xf), dp, dphi, input_precision="ieee")
+        else:
+            dxt = tl.dot(dp, tl.trans(phi_t))
+            dphi = tl.dot(tl.trans(xf), dp, dphi)
+        dxt += coef[:, None] * xf
+        tl.store(dx_ptr + rows[:, None] * K + ks[None, :], dxt.to(xt.dtype),
+                 mask=row_ok[:, None] & k_ok[None, :])
+    tl.store(dphi_part_ptr + split * K * M + ks[:, None] * M + cols_m[None, :], dphi,
+             mask=k_ok[:, None] & m_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-apply: out[t, c] = sum_i h_pre[t, i] x[t, i, c]  (reads n*C, writes C per token).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def pre_apply_fwd_kernel(x_ptr, h_ptr, out_ptr, T, C,
+                         N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    row_ok = rows < T
+    mask = row_ok[:, None] & (cs[None, :] < C)
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(N):
+        h = tl.load(h_ptr + rows * N + i, mask=row_ok, other=0.0)
+        xi = tl.load(x_ptr + rows[:, None] * (N * C) + i * C + cs[None, :], mask=mask, other=0.0)
+        acc += h[:, None] * xi.to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * C + cs[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def pre_apply_bwd_kernel(x_ptr, h_ptr, dout_ptr, dx_ptr, dh_ptr, T, C,
+                         N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    ii = tl.arange(0, NP)
+    i_ok = ii < N
+    h = tl.load(h_ptr + rows[:, None] * N + ii[None, :], mask=row_ok[:, None] & i_ok[None, :],
+                other=0.0)  # [BT, NP]
+    dh = tl.zeros([BT, NP], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cs = c0 + tl.arange(0, BC)
+        c_ok = cs < C
+        m3 = row_ok[:, None, None] & i_ok[None, :, None] & c_ok[None, None, :]
+        d = tl.load(dout_ptr + rows[:, None] * C + cs[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
+        x3 = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+        dh += tl.sum(x3 * d[:, None, :], axis=2)
+        tl.store(dx_ptr + offs, (h[:, :, None] * d[:, None, :]).to(dx_ptr.dtype.element_ty),
+                 mask=m3)
+    tl.store(dh_ptr + rows[:, None] * N + ii[None, :], dh, mask=row_ok[:, None] & i_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Post/residual merge: out[t, i, c] = sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] y[t, c].
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def post_res_fwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr, T, C,
+                        N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    row_ok = rows < T
+    c_ok = cs < C
+    ii = tl.arange(0, NP)
+    i_ok = ii < N
+    m2 = row_ok[:, None] & i_ok[None, :]
+    mask = row_ok[:, None] & c_ok[None, :]
+    y = tl.load(y_ptr + rows[:, None] * C + cs[None, :], mask=mask, other=0.0).to(tl.float32)
+    hp = tl.load(h_post_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
+    acc = hp[:, :, None] * y[:, None, :]  # [BT, NP, BC]
+    for j in tl.static_range(N):
+        xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        hj = tl.load(h_res_ptr + rows[:, None] * (N * N) + ii[None, :] * N + j, mask=m2,
+                     other=0.0)  # column j of H_res: [BT, NP]
+        acc += hj[:, :, None] * xj[:, None, :]
+    offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty),
+             mask=m2[:, :, None] & c_ok[None, None, :])
+
+
+@triton.jit
+def post_res_bwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, dout_ptr,
+                        dx_ptr, dy_ptr, dh_post_ptr, dh_res_ptr, T, C,
+                        N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    ii = tl.arange(0, NP)
+    i_ok = ii < N
+    m2 = row_ok[:, None] & i_ok[None, :]
+    hp = tl.load(h_post_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
+    dh_post = tl.zeros([BT, NP], dtype=tl.float32)
+    dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cs = c0 + tl.arange(0, BC)
+        c_ok = cs < C
+        mask = row_ok[:, None] & c_ok[None, :]
+        m3 = m2[:, :, None] & c_ok[None, None, :]
+        d3 = tl.load(dout_ptr + rows[:, None, None] * (N * C) + ii[None, :, None] * C
+                     + cs[None, None, :], mask=m3, other=0.0).to(tl.float32)  # [BT, NP, BC]
+        y = tl.load(y_ptr + rows[:, None] * C + cs[None, :], mask=mask, other=0.0).to(tl.float32)
+        dh_post += tl.sum(d3 * y[:, None, :], axis=2)
+        dy = tl.sum(hp[:, :, None] * d3, axis=1)
+        tl.store(dy_ptr + rows[:, None] * C + cs[None, :], dy.to(dy_ptr.dtype.element_ty),
+                 mask=mask)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            hj = tl.load(h_res_ptr + rows[:, None] * (N * N) + ii[None, :] * N + j, mask=m2,
+                         other=0.0)  # H_res[:, j] over i
+            dxj = tl.sum(hj[:, :, None] * d3, axis=1)  # sum_i H_res[i, j] dout[i]
+            tl.store(dx_ptr + rows[:, None] * (N * C) + j * C + cs[None, :],
+                     dxj.to(dx_ptr.dtype.element_ty), mask=mask)
+            contrib = tl.sum(d3 * xj[:, None, :], axis=2)  # dH_res[:, i, j] over i
+            dh_res += tl.where(ii[None, None, :] == j, contrib[:, :, None], 0.0)
+    tl.store(dh_post_ptr + rows[:, None] * N + ii[None, :], dh_post, mask=m2)
+    tl.store(dh_res_ptr + rows[:, None, None] * (N * N) + ii[None, :, None] * N
+             + ii[None, None, :], dh_res, mask=m2[:, :, None] & i_ok[None, None, :])

@@ -1,0 +1,226 @@
+"""Autograd-wired Triton mHC ops with the reference ops' signatures (``TRITON_OPS``).
+
+Each op is one ``torch.autograd.Function`` whose forward and backward are fused Triton kernels
+(``triton_kernels``); every one is tested against ``megatron_mhc.ops.reference`` in float64 terms
+under ``TRITON_INTERPRET=1`` on CPU. Stream expand/merge stay on PyTorch (a single copy kernel and
+a single reduction kernel each, already at copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from megatron_mhc.kernels import triton_kernels as K
+from megatron_mhc.ops import reference
+from megatron_mhc.ops.dispatch import MHCOps
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pow2(value: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(value))
+
+
+def _check(x: torch.Tensor, name: str) -> None:
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"triton mHC op {name}: dtype {x.dtype} not supported "
+                        f"(use float32, bfloat16 or float16, or --mhc-kernel-backend torch)")
+
+
+def _tokens(x: torch.Tensor, trailing: int) -> int:
+    return x.numel() // max(1, _prod(x.shape[-trailing:]))
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Mappings (norm + projection + gates + Sinkhorn)
+# ---------------------------------------------------------------------------------------------
+class _MappingsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float):
+        lead = x.shape[:-2]
+        n, c = x.shape[-2], x.shape[-1]
+        kdim, m = n * c, n * n + 2 * n
+        x2 = x.reshape(-1, kdim).contiguous()
+        t = x2.shape[0]
+        dot_ieee = x2.dtype == torch.float32
+        phi_c = phi.to(torch.float32).contiguous()
+        alpha_f = alpha.to(torch.float32).contiguous()
+        bias_f = bias.to(torch.float32).contiguous()
+        dev = x2.device
+        proj = torch.empty(t, m, device=dev, dtype=torch.float32)
+        rinv = torch.empty(t, device=dev, dtype=torch.float32)
+        h_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
+        h_post = torch.empty(t, n, device=dev, dtype=torch.float32)
+        h_res = torch.empty(t, n, n, device=dev, dtype=torch.float32)
+        bt = 32
+        K.mappings_fwd_kernel[(triton.cdiv(t, bt),)](
+            x2, phi_c, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res, t, kdim, eps,
+            N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc, ITERS=iters,
+            BT=bt, BK=128, DOT_IEEE=dot_ieee, num_warps=4, num_stages=3,
+        )
+        ctx.save_for_backward(x2, phi_c, alpha_f, bias_f, proj, rinv)
+        ctx.meta = (lead, n, c, variant_mhc, iters, x.dtype, phi.dtype, alpha.dtype, bias.dtype)
+        return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
+
+    @staticmethod
+    def backward(ctx, dh_pre, dh_post, dh_res):
+        x2, phi_c, alpha_f, bias_f, proj, rinv = ctx.saved_tensors
+        lead, n, c, variant_mhc, iters, x_dtype, phi_dtype, alpha_dtype, bias_dtype = ctx.meta
+        t, kdim = x2.shape
+        m = n * n + 2 * n
+        np_ = _pow2(n)
+        dev = x2.device
+
+        def prep(g, shape):
+            if g is None:
+                return torch.zeros(shape, device=dev, dtype=torch.float32)
+            return g.reshape(shape).to(torch.float32).contiguous()
+
+        dh_pre = prep(dh_pre, (t, n))
+        dh_post = prep(dh_post, (t, n))
+        dh_res = prep(dh_res, (t, n, n))
+        dproj = torch.empty(t, m, device=dev, dtype=torch.float32)
+        drinv = torch.empty(t, device=dev, dtype=torch.float32)
+        dalpha_t = torch.empty(t, 3, device=dev, dtype=torch.float32)
+        dbias_t = torch.empty(t, m, device=dev, dtype=torch.float32)
+        scratch = torch.empty(t, 2 * iters * np_ if variant_mhc else 1, device=dev,
+                              dtype=torch.float32)
+        bt = 16
+        K.mappings_bwd_kernel[(triton.cdiv(t, bt),)](
+            proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
+            dproj, drinv, dalpha_t, dbias_t, scratch, t,
+            N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=4,
+        )
+        # rinv = (sum(x^2)/K + eps)^(-1/2): d rinv / dx = -rinv^3 x / K.
+        coef = (-drinv * rinv.pow(3) / kdim).contiguous()
+        dx = torch.empty_like(x2)
+        bk, btb = 64, 64
+        splits = max(1, min(8, triton.cdiv(t, 4 * btb)))
+        rows_per_split = triton.cdiv(triton.cdiv(t, splits), btb) * btb
+        splits = triton.cdiv(t, rows_per_split)
+        dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
+        K.norm_proj_bwd_kernel[(triton.cdiv(kdim, bk), splits)](
+            x2, phi_c, dproj, coef, dx, dphi_part, t, kdim, rows_per_split,
+            M=m, BM=_pow2(m, 16), BT=btb, BK=bk, DOT_IEEE=x2.dtype == torch.float32,
+            num_warps=4, num_stages=2,
+        )
+        dphi = dphi_part.sum(0).to(phi_dtype)
+        dalpha = dalpha_t.sum(0).to(alpha_dtype)
+        dbias = dbias_t.sum(0).to(bias_dtype)
+        return dx.view(*lead, n, c).to(x_dtype), dphi, dalpha, dbias, None, None, None
+
+
+def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
+    """Triton ``compute_mappings`` (see ``megatron_mhc.ops.reference.compute_mappings``)."""
+    _check(x, "compute_mappings")
+    if variant not in ("mhc", "hc"):
+        raise ValueError(f"mappings are defined for variant 'mhc' or 'hc', got {variant!r}")
+    n = x.shape[-2]
+    if phi.shape != (n * x.shape[-1], n * n + 2 * n):
+        raise ValueError(
+            f"phi must be [n*C, n*n+2n] = {[n * x.shape[-1], n * n + 2 * n]}, got {list(phi.shape)}"
+        )
+    return _MappingsFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),
+                                   float(eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-apply
+# ---------------------------------------------------------------------------------------------
+class _PreApplyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h_pre):
+        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+        x3 = x.reshape(-1, n, c).contiguous()
+        h = h_pre.reshape(-1, n).to(torch.float32).contiguous()
+        t = x3.shape[0]
+        out = torch.empty(t, c, device=x.device, dtype=x.dtype)
+        bt, bc = 4, 512
+        K.pre_apply_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+            x3, h, out, t, c, N=n, BT=bt, BC=bc, num_warps=4)
+        ctx.save_for_backward(x3, h)
+        ctx.meta = (lead, h_pre.dtype)
+        return out.view(*lead, c)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x3, h = ctx.saved_tensors
+        lead, h_dtype = ctx.meta
+        t, n, c = x3.shape
+        d = dout.reshape(t, c).contiguous()
+        dx = torch.empty_like(x3)
+        dh = torch.empty(t, n, device=x3.device, dtype=torch.float32)
+        bt, bc = 2, 512
+        K.pre_apply_bwd_kernel[(triton.cdiv(t, bt),)](
+            x3, h, d, dx, dh, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
+        return dx.view(*lead, n, c), dh.view(*lead, n).to(h_dtype)
+
+
+def pre_apply(x, h_pre):
+    """Triton ``pre_apply`` (see ``megatron_mhc.ops.reference.pre_apply``)."""
+    _check(x, "pre_apply")
+    return _PreApplyFunction.apply(x, h_pre)
+
+
+# ---------------------------------------------------------------------------------------------
+# Post/residual merge
+# ---------------------------------------------------------------------------------------------
+class _PostResFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, h_post, h_res):
+        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+        x3 = x.reshape(-1, n, c).contiguous()
+        t = x3.shape[0]
+        y2 = y.reshape(t, c).contiguous()
+        hp = h_post.reshape(t, n).to(torch.float32).contiguous()
+        hr = h_res.reshape(t, n, n).to(torch.float32).contiguous()
+        out = torch.empty_like(x3)
+        bt, bc = 2, 512
+        K.post_res_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+            x3, y2, hp, hr, out, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
+        ctx.save_for_backward(x3, y2, hp, hr)
+        ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
+        return out.view(*lead, n, c)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x3, y2, hp, hr = ctx.saved_tensors
+        lead, y_dtype, hp_dtype, hr_dtype = ctx.meta
+        t, n, c = x3.shape
+        d = dout.reshape(t, n, c).contiguous()
+        dx = torch.empty_like(x3)
+        dy = torch.empty(t, c, device=x3.device, dtype=y_dtype)
+        dhp = torch.empty(t, n, device=x3.device, dtype=torch.float32)
+        dhr = torch.empty(t, n, n, device=x3.device, dtype=torch.float32)
+        bt, bc = 2, 256
+        K.post_res_bwd_kernel[(triton.cdiv(t, bt),)](
+            x3, y2, hp, hr, d, dx, dy, dhp, dhr, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
+            num_warps=4)
+        return (dx.view(*lead, n, c), dy.view(*lead, c), dhp.view(*lead, n).to(hp_dtype),
+                dhr.view(*lead, n, n).to(hr_dtype))
+
+
+def post_res_merge(x, y, h_post, h_res):
+    """Triton ``post_res_merge`` (see ``megatron_mhc.ops.reference.post_res_merge``)."""
+    _check(x, "post_res_merge")
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return _PostResFunction.apply(x, y, h_post, h_res)
+
+
+TRITON_OPS = MHCOps(
+    name="triton",
+    compute_mappings=compute_mappings,
+    pre_apply=pre_apply,
+    post_res_merge=post_res_merge,
+    expand_streams=reference.expand_streams,
+    merge_streams=reference.merge_streams,
+)
