@@ -20,9 +20,11 @@ _PATCHED = False
 
 
 def patch_megatron_for_cpu() -> None:
-    """Make Megatron-Core's CUDA-only helpers work on CPU in this process (idempotent)."""
+    """Make Megatron-Core's CUDA-only helpers work on CPU in this process (idempotent).
+
+    Does nothing where a CUDA device is visible."""
     global _PATCHED
-    if _PATCHED:
+    if _PATCHED or torch.cuda.is_available():
         return
     from megatron.core import utils as core_utils
     from megatron.core.fusions import fused_softmax
@@ -38,11 +40,10 @@ def patch_megatron_for_cpu() -> None:
     def fork(self, name=None):
         return contextlib.nullcontext()
 
-    if not torch.cuda.is_available():
-        # Megatron allocates collective outputs with device=torch.cuda.current_device().
-        torch.cuda.current_device = lambda: torch.device("cpu")
-        # dist-ckpt's writer synchronizes the device before copying tensors.
-        torch.cuda.synchronize = lambda device=None: None
+    # Megatron allocates collective outputs with device=torch.cuda.current_device().
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # dist-ckpt's writer synchronizes the device before copying tensors.
+    torch.cuda.synchronize = lambda device=None: None
     core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
@@ -91,6 +92,10 @@ def init_cpu_distributed(
         expert_model_parallel_size=expert_model_parallel_size,
         distributed_timeout_minutes=5,
     )
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
 
 
 def destroy_cpu_distributed() -> None:

@@ -1,0 +1,116 @@
+"""Step time and peak memory of Megatron-Core GPT layers: plain residual vs mHC (GPU).
+
+    python benchmarks/bench_layer.py [--hidden 4096] [--seq 4096] [--micro-batch 2] [--layers 4]
+
+Times forward + backward of a ``TransformerBlock`` of ``--layers`` GPT layers (local spec,
+RMSNorm, attention through SDPA's flash kernels since Transformer-Engine is not assumed), bf16,
+for the plain residual and for mHC n=4 with the eager PyTorch ops and with the fused Triton ops.
+The mHC block includes the stream expansion (first layer) and merge (last layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+
+def build_block(args, variant: str, backend: str):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlock
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_mhc import MHCConfig
+    from megatron_mhc.specs import with_mhc
+    from megatron_mhc.testing.sdpa_attention import SDPACoreAttention
+
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        ffn_hidden_size=4 * args.hidden, normalization="RMSNorm", bf16=True,
+        params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, hidden_dropout=0.0,
+        attention_dropout=0.0, add_bias_linear=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False,
+    )
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = dataclasses.replace(
+        spec.submodules.self_attention,
+        submodules=dataclasses.replace(spec.submodules.self_attention.submodules,
+                                       core_attention=SDPACoreAttention))
+    spec = dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+    if variant != "plain":
+        spec = with_mhc(spec, MHCConfig(expansion_rate=args.n, kernel_backend=backend))
+    return TransformerBlock(config, spec).cuda()
+
+
+def measure(args, variant: str, backend: str):
+    import triton
+
+    torch.manual_seed(0)
+    block = build_block(args, variant, backend)
+    x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",
+                    dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step():
+        out = block(hidden_states=x, attention_mask=None)
+        out.backward(grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    ms = triton.testing.do_bench(step, warmup=5, rep=40, return_mode="median",
+                                 grad_to_none=[x] + list(block.parameters()))
+    del block
+    torch.cuda.empty_cache()
+    return ms, peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--backends", default="torch,triton")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_layer.py needs a CUDA GPU")
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)
+
+    results = [("plain residual", *measure(args, "plain", "torch"))]
+    for backend in args.backends.split(","):
+        results.append((f"mHC n={args.n}, {backend} ops", *measure(args, "mhc", backend)))
+    plain_ms, plain_mem = results[0][1], results[0][2]
+    print(f"device: {torch.cuda.get_device_name()} | {args.layers} GPT layers, C={args.hidden}, "
+          f"seq {args.seq}, micro-batch {args.micro_batch}, bf16, fwd+bwd")
+    print("| variant | step time (ms) | per layer (ms) | overhead vs plain | peak activation "
+          "memory (GiB) | memory vs plain |")
+    print("|---|---|---|---|---|---|")
+    for name, ms, peak in results:
+        print(f"| {name} | {ms:.2f} | {ms / args.layers:.2f} | {100 * (ms / plain_ms - 1):+.1f}% "
+              f"| {peak / 2**30:.2f} | {peak / plain_mem:.2f}x |")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
