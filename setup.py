@@ -13,8 +13,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=packages,
-    # Kernel sources live in the top-level kernels/ folder and ship as megatron_mhc.kernels.
-    package_dir={"megatron_mhc.kernels": "kernels"},
+    # Kernel sources live in the top-level kernels/ folder; megatron_mhc/kernels is a symbolic
+    # link to it, so they ship (and import, installed or not) as megatron_mhc.kernels.
     package_data={"megatron_mhc": ["data/*.gz", "data/*.md"]},
     install_requires=["torch>=2.6", "megatron-core==0.19.0", "numpy", "tqdm", "psutil"],
     extras_require={
