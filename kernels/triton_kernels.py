@@ -10,7 +10,8 @@ import triton.language as tl
 
 
 # ----------------------------------------------------------------------------------------------
-# Norm + projection (+ mappings) forward: one read of x gives x @ phi and sum(x^2).
+# Norm + projection (+ mappings) forward: one read of x gives x @ phi and sum(x^2) (split over K
+# for parallelism), then a small per-token kernel reduces the splits and computes the mappings.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _lse(v, axis: tl.constexpr):
@@ -21,39 +22,66 @@ def _lse(v, axis: tl.constexpr):
 
 
 @triton.jit
-def mappings_fwd_kernel(
-    x_ptr, phi_ptr, alpha_ptr, bias_ptr,
-    proj_ptr, rinv_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
-    T, K, eps,
-    N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
-    VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, DOT_IEEE: tl.constexpr,
+def proj_partial_kernel(
+    x_ptr, phi_ptr, proj_part_ptr, ss_part_ptr, T, K, k_per_split,
+    M: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):
+    """Partial x @ phi and sum(x^2) over one K-split: [SPLIT, T, M] and [SPLIT, T].
+
+    DOT_MODE 0: operands in x's 16-bit dtype (phi cast by the caller); 1: float32 ieee;
+    2: float32 via tf32 (16-bit x under the interpreter, which has no 16-bit dot).
+    """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BT + tl.arange(0, BT)
     row_ok = rows < T
     cols_m = tl.arange(0, BM)
     acc = tl.zeros([BT, BM], dtype=tl.float32)
-    sumsq = tl.zeros([BT], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    sq = tl.zeros([BT, BK], dtype=tl.float32)
+    k_begin = split * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < K
         xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         pt = tl.load(phi_ptr + ks[:, None] * M + cols_m[None, :],
                      mask=k_ok[:, None] & (cols_m[None, :] < M), other=0.0)
-        # float32 operands: exact products for bf16/fp16 x under tf32 (bf16 fits in tf32), and
-        # ieee for float32 x.
         xf = xt.to(tl.float32)
-        if DOT_IEEE:
+        if DOT_MODE == 0:
+            acc = tl.dot(xt, pt, acc)
+        elif DOT_MODE == 1:
             acc = tl.dot(xf, pt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(xf, pt.to(tl.float32), acc, input_precision="tf32")
-        sumsq += tl.sum(xf * xf, axis=1)
-    rinv = 1.0 / tl.sqrt(sumsq / K + eps)
-    tl.store(rinv_ptr + rows, rinv, mask=row_ok)
-    tl.store(proj_ptr + rows[:, None] * M + cols_m[None, :], acc,
+        sq += xf * xf
+    tl.store(ss_part_ptr + split * T + rows, tl.sum(sq, axis=1), mask=row_ok)
+    tl.store(proj_part_ptr + split * T * M + rows[:, None] * M + cols_m[None, :], acc,
              mask=row_ok[:, None] & (cols_m[None, :] < M))
+
+
+@triton.jit
+def mappings_fwd_kernel(
+    proj_part_ptr, ss_part_ptr, alpha_ptr, bias_ptr,
+    proj_ptr, rinv_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+    T, K, eps, SPLIT: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
+):
+    """Reduce the K-split partials, then gates, bias, sigmoid / Sinkhorn per token."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    cols_m = tl.arange(0, BM)
+    mm = row_ok[:, None] & (cols_m[None, :] < M)
+    proj = tl.zeros([BT, BM], dtype=tl.float32)
+    ss = tl.zeros([BT], dtype=tl.float32)
+    for sp in tl.static_range(SPLIT):
+        proj += tl.load(proj_part_ptr + sp * T * M + rows[:, None] * M + cols_m[None, :],
+                        mask=mm, other=0.0)
+        ss += tl.load(ss_part_ptr + sp * T + rows, mask=row_ok, other=0.0)
+    rinv = 1.0 / tl.sqrt(ss / K + eps)
+    tl.store(rinv_ptr + rows, rinv, mask=row_ok)
+    tl.store(proj_ptr + rows[:, None] * M + cols_m[None, :], proj, mask=mm)
     # Re-read this block's projection in the [token, i, j] shapes the mappings need.
     tl.debug_barrier()
     _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
@@ -351,36 +379,36 @@ def post_res_fwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr, T, C,
 def post_res_bwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, dout_ptr,
                         dx_ptr, dy_ptr, dh_post_ptr, dh_res_ptr, T, C,
                         N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    # dx[j] = sum_i H_res[i, j] dout[i]; dy = sum_i H_post[i] dout[i];
+    # dH_res[i, j] = <dout[i], x[j]>; dH_post[i] = <dout[i], y>.
+    # The C-reductions accumulate elementwise and reduce once after the loop.
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_ok = rows < T
     ii = tl.arange(0, NP)
     i_ok = ii < N
     m2 = row_ok[:, None] & i_ok[None, :]
+    mres = m2[:, :, None] & i_ok[None, None, :]
     hp = tl.load(h_post_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
-    dh_post = tl.zeros([BT, NP], dtype=tl.float32)
-    dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
+    hr = tl.load(h_res_ptr + rows[:, None, None] * (N * N) + ii[None, :, None] * N
+                 + ii[None, None, :], mask=mres, other=0.0)  # [BT, i, j]
+    acc_post = tl.zeros([BT, NP, BC], dtype=tl.float32)
+    acc_res = tl.zeros([BT, NP, NP, BC], dtype=tl.float32)
     for c0 in range(0, C, BC):
         cs = c0 + tl.arange(0, BC)
         c_ok = cs < C
         mask = row_ok[:, None] & c_ok[None, :]
         m3 = m2[:, :, None] & c_ok[None, None, :]
-        d3 = tl.load(dout_ptr + rows[:, None, None] * (N * C) + ii[None, :, None] * C
-                     + cs[None, None, :], mask=m3, other=0.0).to(tl.float32)  # [BT, NP, BC]
+        offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
+        d3 = tl.load(dout_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # [BT, i, BC]
+        x3 = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # [BT, j, BC]
         y = tl.load(y_ptr + rows[:, None] * C + cs[None, :], mask=mask, other=0.0).to(tl.float32)
-        dh_post += tl.sum(d3 * y[:, None, :], axis=2)
+        dx3 = tl.sum(hr[:, :, :, None] * d3[:, :, None, :], axis=1)  # [BT, j, BC]
+        tl.store(dx_ptr + offs, dx3.to(dx_ptr.dtype.element_ty), mask=m3)
         dy = tl.sum(hp[:, :, None] * d3, axis=1)
         tl.store(dy_ptr + rows[:, None] * C + cs[None, :], dy.to(dy_ptr.dtype.element_ty),
                  mask=mask)
-        for j in tl.static_range(N):
-            xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
-            hj = tl.load(h_res_ptr + rows[:, None] * (N * N) + ii[None, :] * N + j, mask=m2,
-                         other=0.0)  # H_res[:, j] over i
-            dxj = tl.sum(hj[:, :, None] * d3, axis=1)  # sum_i H_res[i, j] dout[i]
-            tl.store(dx_ptr + rows[:, None] * (N * C) + j * C + cs[None, :],
-                     dxj.to(dx_ptr.dtype.element_ty), mask=mask)
-            contrib = tl.sum(d3 * xj[:, None, :], axis=2)  # dH_res[:, i, j] over i
-            dh_res += tl.where(ii[None, None, :] == j, contrib[:, :, None], 0.0)
-    tl.store(dh_post_ptr + rows[:, None] * N + ii[None, :], dh_post, mask=m2)
+        acc_post += d3 * y[:, None, :]
+        acc_res += d3[:, :, None, :] * x3[:, None, :, :]
+    tl.store(dh_post_ptr + rows[:, None] * N + ii[None, :], tl.sum(acc_post, axis=2), mask=m2)
     tl.store(dh_res_ptr + rows[:, None, None] * (N * N) + ii[None, :, None] * N
-             + ii[None, None, :], dh_res, mask=m2[:, :, None] & i_ok[None, None, :])
+             + ii[None, None, :], tl.sum(acc_res, axis=3), mask=mres)

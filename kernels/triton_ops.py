@@ -8,6 +8,8 @@ a single reduction kernel each, already at copy bandwidth).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -16,6 +18,8 @@ from megatron_mhc.ops import reference
 from megatron_mhc.ops.dispatch import MHCOps
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Triton's interpreter has no 16-bit tl.dot: 16-bit inputs take the (exact) tf32 path there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pow2(value: int, minimum: int = 1) -> int:
@@ -50,21 +54,36 @@ class _MappingsFunction(torch.autograd.Function):
         kdim, m = n * c, n * n + 2 * n
         x2 = x.reshape(-1, kdim).contiguous()
         t = x2.shape[0]
-        dot_ieee = x2.dtype == torch.float32
-        phi_c = phi.to(torch.float32).contiguous()
+        phi_c = phi.to(torch.float32).contiguous()  # saved for the backward
+        if x2.dtype == torch.float32:
+            dot_mode, phi_dot = 1, phi_c
+        elif _INTERPRET:
+            dot_mode, phi_dot = 2, phi_c
+        else:
+            dot_mode, phi_dot = 0, phi.to(x2.dtype).contiguous()
         alpha_f = alpha.to(torch.float32).contiguous()
         bias_f = bias.to(torch.float32).contiguous()
         dev = x2.device
+        bt, bk = 64, 128
+        split = max(1, min(8, triton.cdiv(kdim, 4096)))
+        k_per_split = triton.cdiv(triton.cdiv(kdim, split), bk) * bk
+        split = triton.cdiv(kdim, k_per_split)
+        proj_part = torch.empty(split, t, m, device=dev, dtype=torch.float32)
+        ss_part = torch.empty(split, t, device=dev, dtype=torch.float32)
+        K.proj_partial_kernel[(triton.cdiv(t, bt), split)](
+            x2, phi_dot, proj_part, ss_part, t, kdim, k_per_split,
+            M=m, BM=_pow2(m, 16), BT=bt, BK=bk, DOT_MODE=dot_mode, num_warps=8, num_stages=3,
+        )
         proj = torch.empty(t, m, device=dev, dtype=torch.float32)
         rinv = torch.empty(t, device=dev, dtype=torch.float32)
         h_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
         h_post = torch.empty(t, n, device=dev, dtype=torch.float32)
         h_res = torch.empty(t, n, n, device=dev, dtype=torch.float32)
-        bt = 32
-        K.mappings_fwd_kernel[(triton.cdiv(t, bt),)](
-            x2, phi_c, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res, t, kdim, eps,
-            N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc, ITERS=iters,
-            BT=bt, BK=128, DOT_IEEE=dot_ieee, num_warps=4, num_stages=3,
+        bt2 = 16
+        K.mappings_fwd_kernel[(triton.cdiv(t, bt2),)](
+            proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res, t, kdim, eps,
+            SPLIT=split, N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc,
+            ITERS=iters, BT=bt2, num_warps=4,
         )
         ctx.save_for_backward(x2, phi_c, alpha_f, bias_f, proj, rinv)
         ctx.meta = (lead, n, c, variant_mhc, iters, x.dtype, phi.dtype, alpha.dtype, bias.dtype)
@@ -200,7 +219,7 @@ class _PostResFunction(torch.autograd.Function):
         dy = torch.empty(t, c, device=x3.device, dtype=y_dtype)
         dhp = torch.empty(t, n, device=x3.device, dtype=torch.float32)
         dhr = torch.empty(t, n, n, device=x3.device, dtype=torch.float32)
-        bt, bc = 2, 256
+        bt, bc = 1, 256
         K.post_res_bwd_kernel[(triton.cdiv(t, bt),)](
             x3, y2, hp, hr, d, dx, dy, dhp, dhr, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
             num_warps=4)

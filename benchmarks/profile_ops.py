@@ -1,0 +1,62 @@
+"""Per-kernel GPU time of one forward + backward of each Triton mHC op (torch.profiler).
+
+    python benchmarks/profile_ops.py [--tokens 8192] [--n 4] [--hidden 4096]
+
+A diagnostic companion to bench_kernels.py: it shows which kernel of an op takes the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args(argv)
+    from megatron_mhc.kernels.triton_ops import TRITON_OPS as ops
+    from megatron_mhc.ops import reference
+
+    t, n, c, m = args.tokens, args.n, args.hidden, args.n * args.n + 2 * args.n
+    dt = torch.bfloat16
+    x = torch.randn(t, n, c, device="cuda", dtype=dt, requires_grad=True)
+    y = torch.randn(t, c, device="cuda", dtype=dt, requires_grad=True)
+    phi = (torch.randn(n * c, m, device="cuda") * 0.01).to(dt).requires_grad_(True)
+    alpha = torch.full((3,), 0.01, device="cuda", requires_grad=True)
+    bias = torch.randn(m, device="cuda", requires_grad=True)
+
+    def step():
+        h_pre, h_post, h_res = ops.compute_mappings(x, phi, alpha, bias, "mhc", 20, 1e-6)
+        agg = ops.pre_apply(x, h_pre)
+        out = ops.post_res_merge(x, agg * 0 + y, h_post, h_res)
+        out.float().sum().backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.repeat):
+            step()
+        torch.cuda.synchronize()
+    totals = defaultdict(float)
+    counts = defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time
+            counts[event.name] += 1
+    print(f"T={t} n={n} C={c} bf16: GPU time per step by kernel (microseconds)")
+    print("| kernel | us per step | calls per step |")
+    print("|---|---|---|")
+    for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {name[:90]} | {us / args.repeat:.1f} | {counts[name] / args.repeat:.0f} |")
+    del reference
+
+
+if __name__ == "__main__":
+    main()
