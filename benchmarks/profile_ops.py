@@ -31,11 +31,15 @@ def main(argv=None):
     alpha = torch.full((3,), 0.01, device="cuda", requires_grad=True)
     bias = torch.randn(m, device="cuda", requires_grad=True)
 
+    d_agg = torch.randn(t, c, device="cuda", dtype=dt)
+    d_out = torch.randn(t, n, c, device="cuda", dtype=dt)
+
     def step():
+        # One sublayer's mHC work; y stands in for the sublayer output F(agg).
         h_pre, h_post, h_res = ops.compute_mappings(x, phi, alpha, bias, "mhc", 20, 1e-6)
         agg = ops.pre_apply(x, h_pre)
-        out = ops.post_res_merge(x, agg * 0 + y, h_post, h_res)
-        out.float().sum().backward()
+        out = ops.post_res_merge(x, y, h_post, h_res)
+        torch.autograd.backward([agg, out], [d_agg, d_out])
 
     for _ in range(3):
         step()

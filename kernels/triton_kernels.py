@@ -377,38 +377,38 @@ def post_res_fwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr, T, C,
 
 @triton.jit
 def post_res_bwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, dout_ptr,
-                        dx_ptr, dy_ptr, dh_post_ptr, dh_res_ptr, T, C,
+                        dx_ptr, dy_ptr, dh_post_part_ptr, dh_res_part_ptr, T, C, CB,
                         N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    # dx[j] = sum_i H_res[i, j] dout[i]; dy = sum_i H_post[i] dout[i];
-    # dH_res[i, j] = <dout[i], x[j]>; dH_post[i] = <dout[i], y>.
-    # The C-reductions accumulate elementwise and reduce once after the loop.
+    # One [BT tokens, BC channels] tile per program, as in the forward:
+    # dx[j] = sum_i H_res[i, j] dout[i]; dy = sum_i H_post[i] dout[i] (written directly);
+    # dH_res[i, j] = <dout[i], x[j]>, dH_post[i] = <dout[i], y> as per-C-block partials
+    # [T, CB, ...] that the caller sums over CB.
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cb = tl.program_id(1)
+    cs = cb * BC + tl.arange(0, BC)
     row_ok = rows < T
+    c_ok = cs < C
     ii = tl.arange(0, NP)
     i_ok = ii < N
     m2 = row_ok[:, None] & i_ok[None, :]
-    mres = m2[:, :, None] & i_ok[None, None, :]
+    mask = row_ok[:, None] & c_ok[None, :]
+    m3 = m2[:, :, None] & c_ok[None, None, :]
+    d3 = tl.load(dout_ptr + rows[:, None, None] * (N * C) + ii[None, :, None] * C
+                 + cs[None, None, :], mask=m3, other=0.0).to(tl.float32)  # [BT, i, BC]
+    y = tl.load(y_ptr + rows[:, None] * C + cs[None, :], mask=mask, other=0.0).to(tl.float32)
     hp = tl.load(h_post_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
-    hr = tl.load(h_res_ptr + rows[:, None, None] * (N * N) + ii[None, :, None] * N
-                 + ii[None, None, :], mask=mres, other=0.0)  # [BT, i, j]
-    acc_post = tl.zeros([BT, NP, BC], dtype=tl.float32)
-    acc_res = tl.zeros([BT, NP, NP, BC], dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        cs = c0 + tl.arange(0, BC)
-        c_ok = cs < C
-        mask = row_ok[:, None] & c_ok[None, :]
-        m3 = m2[:, :, None] & c_ok[None, None, :]
-        offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
-        d3 = tl.load(dout_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # [BT, i, BC]
-        x3 = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # [BT, j, BC]
-        y = tl.load(y_ptr + rows[:, None] * C + cs[None, :], mask=mask, other=0.0).to(tl.float32)
-        dx3 = tl.sum(hr[:, :, :, None] * d3[:, :, None, :], axis=1)  # [BT, j, BC]
-        tl.store(dx_ptr + offs, dx3.to(dx_ptr.dtype.element_ty), mask=m3)
-        dy = tl.sum(hp[:, :, None] * d3, axis=1)
-        tl.store(dy_ptr + rows[:, None] * C + cs[None, :], dy.to(dy_ptr.dtype.element_ty),
-                 mask=mask)
-        acc_post += d3 * y[:, None, :]
-        acc_res += d3[:, :, None, :] * x3[:, None, :, :]
-    tl.store(dh_post_ptr + rows[:, None] * N + ii[None, :], tl.sum(acc_post, axis=2), mask=m2)
-    tl.store(dh_res_ptr + rows[:, None, None] * (N * N) + ii[None, :, None] * N
-             + ii[None, None, :], tl.sum(acc_res, axis=3), mask=mres)
+    dy = tl.sum(hp[:, :, None] * d3, axis=1)
+    tl.store(dy_ptr + rows[:, None] * C + cs[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    part = rows * CB + cb  # [BT] index of this (token, C-block) partial
+    tl.store(dh_post_part_ptr + part[:, None] * N + ii[None, :], tl.sum(d3 * y[:, None, :], axis=2),
+             mask=m2)
+    for j in tl.static_range(N):
+        xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        hj = tl.load(h_res_ptr + rows[:, None] * (N * N) + ii[None, :] * N + j, mask=m2,
+                     other=0.0)  # column j of H_res over i: [BT, i]
+        dxj = tl.sum(hj[:, :, None] * d3, axis=1)
+        tl.store(dx_ptr + rows[:, None] * (N * C) + j * C + cs[None, :],
+                 dxj.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_res_part_ptr + part[:, None] * (N * N) + ii[None, :] * N + j,
+                 tl.sum(d3 * xj[:, None, :], axis=2), mask=m2)

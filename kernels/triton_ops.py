@@ -65,7 +65,7 @@ class _MappingsFunction(torch.autograd.Function):
         bias_f = bias.to(torch.float32).contiguous()
         dev = x2.device
         bt, bk = 64, 128
-        split = max(1, min(8, triton.cdiv(kdim, 4096)))
+        split = max(1, min(16, triton.cdiv(kdim, 2048)))
         k_per_split = triton.cdiv(triton.cdiv(kdim, split), bk) * bk
         split = triton.cdiv(kdim, k_per_split)
         proj_part = torch.empty(split, t, m, device=dev, dtype=torch.float32)
@@ -217,12 +217,15 @@ class _PostResFunction(torch.autograd.Function):
         d = dout.reshape(t, n, c).contiguous()
         dx = torch.empty_like(x3)
         dy = torch.empty(t, c, device=x3.device, dtype=y_dtype)
-        dhp = torch.empty(t, n, device=x3.device, dtype=torch.float32)
-        dhr = torch.empty(t, n, n, device=x3.device, dtype=torch.float32)
-        bt, bc = 1, 256
-        K.post_res_bwd_kernel[(triton.cdiv(t, bt),)](
-            x3, y2, hp, hr, d, dx, dy, dhp, dhr, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
-            num_warps=4)
+        bt, bc = 2, 512
+        cb = triton.cdiv(c, bc)
+        dhp_part = torch.empty(t, cb, n, device=x3.device, dtype=torch.float32)
+        dhr_part = torch.empty(t, cb, n, n, device=x3.device, dtype=torch.float32)
+        K.post_res_bwd_kernel[(triton.cdiv(t, bt), cb)](
+            x3, y2, hp, hr, d, dx, dy, dhp_part, dhr_part, t, c, cb, N=n, NP=_pow2(n), BT=bt,
+            BC=bc, num_warps=4)
+        dhp = dhp_part.sum(1)
+        dhr = dhr_part.sum(1)
         return (dx.view(*lead, n, c), dy.view(*lead, c), dhp.view(*lead, n).to(hp_dtype),
                 dhr.view(*lead, n, n).to(hr_dtype))
 
