@@ -79,6 +79,8 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
     floors = {
         ("mappings (norm+proj+Sinkhorn)", "fwd"): t * (n * c * b + 4 * (m + 1)),
         ("mappings (norm+proj+Sinkhorn)", "bwd"): t * (2 * n * c * b + 4 * m),
+        ("entry (mappings + pre-apply, fused)", "fwd"): t * (n * c * b + c * b + 4 * (m + 1)),
+        ("entry (mappings + pre-apply, fused)", "bwd"): t * (2 * n * c * b + c * b + 4 * m),
         ("pre-apply", "fwd"): t * (n * c * b + c * b + 4 * n),
         ("pre-apply", "bwd"): t * (2 * n * c * b + c * b + 8 * n),
         ("post/res merge", "fwd"): t * (2 * n * c * b + c * b + 4 * (n + n * n)),
@@ -88,6 +90,9 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
         "mappings (norm+proj+Sinkhorn)": (
             lambda o: (lambda x, p, a, bb: o.compute_mappings(x, p, a, bb, "mhc", 20, 1e-6)),
             [x, phi, alpha, bias], d_maps),
+        "entry (mappings + pre-apply, fused)": (
+            lambda o: (lambda x, p, a, bb: o.enter(x, p, a, bb, "mhc", 20, 1e-6)),
+            [x, phi, alpha, bias], (d_c,) + d_maps[1:]),
         "pre-apply": (lambda o: o.pre_apply, [x, h_pre], (d_c,)),
         "post/res merge": (lambda o: o.post_res_merge, [x, y, h_post, h_res], (d_streams,)),
     }

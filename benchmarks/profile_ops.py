@@ -36,8 +36,7 @@ def main(argv=None):
 
     def step():
         # One sublayer's mHC work; y stands in for the sublayer output F(agg).
-        h_pre, h_post, h_res = ops.compute_mappings(x, phi, alpha, bias, "mhc", 20, 1e-6)
-        agg = ops.pre_apply(x, h_pre)
+        agg, h_post, h_res = ops.enter(x, phi, alpha, bias, "mhc", 20, 1e-6)
         out = ops.post_res_merge(x, y, h_post, h_res)
         torch.autograd.backward([agg, out], [d_agg, d_out])
 

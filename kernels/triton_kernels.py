@@ -267,11 +267,13 @@ def mappings_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def norm_proj_bwd_kernel(
-    x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr,
-    T, K, rows_per_split,
-    M: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
+    x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr, h_pre_ptr, d_agg_ptr,
+    T, K, C, rows_per_split,
+    N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DOT_IEEE: tl.constexpr, WITH_PRE: tl.constexpr,
 ):
+    # WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
+    # fused entry op writes its whole dx in this one pass.
     kb = tl.program_id(0)
     split = tl.program_id(1)
     ks = kb * BK + tl.arange(0, BK)
@@ -298,6 +300,11 @@ def norm_proj_bwd_kernel(
             dxt = tl.dot(dp, tl.trans(phi_t))
             dphi = tl.dot(tl.trans(xf), dp, dphi)
         dxt += coef[:, None] * xf
+        if WITH_PRE:
+            m2 = row_ok[:, None] & k_ok[None, :]
+            hp = tl.load(h_pre_ptr + rows[:, None] * N + (ks // C)[None, :], mask=m2, other=0.0)
+            da = tl.load(d_agg_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0)
+            dxt += hp * da.to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * K + ks[None, :], dxt.to(xt.dtype),
                  mask=row_ok[:, None] & k_ok[None, :])
     tl.store(dphi_part_ptr + split * K * M + ks[:, None] * M + cols_m[None, :], dphi,
@@ -325,7 +332,8 @@ def pre_apply_fwd_kernel(x_ptr, h_ptr, out_ptr, T, C,
 
 @triton.jit
 def pre_apply_bwd_kernel(x_ptr, h_ptr, dout_ptr, dx_ptr, dh_ptr, T, C,
-                         N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                         N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         WRITE_DX: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_ok = rows < T
     ii = tl.arange(0, NP)
@@ -342,8 +350,9 @@ def pre_apply_bwd_kernel(x_ptr, h_ptr, dout_ptr, dx_ptr, dh_ptr, T, C,
         offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
         x3 = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
         dh += tl.sum(x3 * d[:, None, :], axis=2)
-        tl.store(dx_ptr + offs, (h[:, :, None] * d[:, None, :]).to(dx_ptr.dtype.element_ty),
-                 mask=m3)
+        if WRITE_DX:
+            tl.store(dx_ptr + offs, (h[:, :, None] * d[:, None, :]).to(dx_ptr.dtype.element_ty),
+                     mask=m3)
     tl.store(dh_ptr + rows[:, None] * N + ii[None, :], dh, mask=row_ok[:, None] & i_ok[None, :])
 
 

@@ -46,95 +46,156 @@ def _prod(shape) -> int:
 # ---------------------------------------------------------------------------------------------
 # Mappings (norm + projection + gates + Sinkhorn)
 # ---------------------------------------------------------------------------------------------
+def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float):
+    """Launch the projection and mapping kernels; returns the tensors the backward needs too."""
+    n, c = x.shape[-2], x.shape[-1]
+    kdim, m = n * c, n * n + 2 * n
+    x2 = x.reshape(-1, kdim).contiguous()
+    t = x2.shape[0]
+    phi_c = phi.to(torch.float32).contiguous()  # saved for the backward
+    if x2.dtype == torch.float32:
+        dot_mode, phi_dot = 1, phi_c
+    elif _INTERPRET:
+        dot_mode, phi_dot = 2, phi_c
+    else:
+        dot_mode, phi_dot = 0, phi.to(x2.dtype).contiguous()
+    alpha_f = alpha.to(torch.float32).contiguous()
+    bias_f = bias.to(torch.float32).contiguous()
+    dev = x2.device
+    bt, bk = 64, 128
+    split = max(1, min(16, triton.cdiv(kdim, 2048)))
+    k_per_split = triton.cdiv(triton.cdiv(kdim, split), bk) * bk
+    split = triton.cdiv(kdim, k_per_split)
+    proj_part = torch.empty(split, t, m, device=dev, dtype=torch.float32)
+    ss_part = torch.empty(split, t, device=dev, dtype=torch.float32)
+    K.proj_partial_kernel[(triton.cdiv(t, bt), split)](
+        x2, phi_dot, proj_part, ss_part, t, kdim, k_per_split,
+        M=m, BM=_pow2(m, 16), BT=bt, BK=bk, DOT_MODE=dot_mode, num_warps=8, num_stages=3,
+    )
+    proj = torch.empty(t, m, device=dev, dtype=torch.float32)
+    rinv = torch.empty(t, device=dev, dtype=torch.float32)
+    h_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
+    h_post = torch.empty(t, n, device=dev, dtype=torch.float32)
+    h_res = torch.empty(t, n, n, device=dev, dtype=torch.float32)
+    bt2 = 16
+    K.mappings_fwd_kernel[(triton.cdiv(t, bt2),)](
+        proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res, t, kdim, eps,
+        SPLIT=split, N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc,
+        ITERS=iters, BT=bt2, num_warps=4,
+    )
+    return x2, phi_c, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res
+
+
+def _mappings_backward(saved, n, variant_mhc, iters, dh_pre, dh_post, dh_res, d_agg=None,
+                       h_pre=None):
+    """dx, dphi (float32), dalpha, dbias (float32) of the mappings; with ``d_agg`` and ``h_pre``
+    the pre-apply's dx term is added in the same pass over x (the fused entry op)."""
+    x2, phi_c, alpha_f, bias_f, proj, rinv = saved
+    t, kdim = x2.shape
+    c = kdim // n
+    m = n * n + 2 * n
+    np_ = _pow2(n)
+    dev = x2.device
+    dproj = torch.empty(t, m, device=dev, dtype=torch.float32)
+    drinv = torch.empty(t, device=dev, dtype=torch.float32)
+    dalpha_t = torch.empty(t, 3, device=dev, dtype=torch.float32)
+    dbias_t = torch.empty(t, m, device=dev, dtype=torch.float32)
+    scratch = torch.empty(t, 2 * iters * np_ if variant_mhc else 1, device=dev,
+                          dtype=torch.float32)
+    bt = 16
+    K.mappings_bwd_kernel[(triton.cdiv(t, bt),)](
+        proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
+        dproj, drinv, dalpha_t, dbias_t, scratch, t,
+        N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=4,
+    )
+    # rinv = (sum(x^2)/K + eps)^(-1/2): d rinv / dx = -rinv^3 x / K.
+    coef = (-drinv * rinv.pow(3) / kdim).contiguous()
+    dx = torch.empty_like(x2)
+    bk, btb = 64, 64
+    splits = max(1, min(8, triton.cdiv(t, 4 * btb)))
+    rows_per_split = triton.cdiv(triton.cdiv(t, splits), btb) * btb
+    splits = triton.cdiv(t, rows_per_split)
+    dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
+    with_pre = d_agg is not None
+    K.norm_proj_bwd_kernel[(triton.cdiv(kdim, bk), splits)](
+        x2, phi_c, dproj, coef, dx, dphi_part,
+        h_pre if with_pre else coef, d_agg if with_pre else coef,
+        t, kdim, c, rows_per_split,
+        N=n, M=m, BM=_pow2(m, 16), BT=btb, BK=bk, DOT_IEEE=x2.dtype == torch.float32,
+        WITH_PRE=with_pre, num_warps=4, num_stages=2,
+    )
+    return dx, dphi_part.sum(0), dalpha_t.sum(0), dbias_t.sum(0)
+
+
+def _grad_f32(g, shape, device):
+    if g is None:
+        return torch.zeros(shape, device=device, dtype=torch.float32)
+    return g.reshape(shape).to(torch.float32).contiguous()
+
+
 class _MappingsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float):
-        lead = x.shape[:-2]
-        n, c = x.shape[-2], x.shape[-1]
-        kdim, m = n * c, n * n + 2 * n
-        x2 = x.reshape(-1, kdim).contiguous()
-        t = x2.shape[0]
-        phi_c = phi.to(torch.float32).contiguous()  # saved for the backward
-        if x2.dtype == torch.float32:
-            dot_mode, phi_dot = 1, phi_c
-        elif _INTERPRET:
-            dot_mode, phi_dot = 2, phi_c
-        else:
-            dot_mode, phi_dot = 0, phi.to(x2.dtype).contiguous()
-        alpha_f = alpha.to(torch.float32).contiguous()
-        bias_f = bias.to(torch.float32).contiguous()
-        dev = x2.device
-        bt, bk = 64, 128
-        split = max(1, min(16, triton.cdiv(kdim, 2048)))
-        k_per_split = triton.cdiv(triton.cdiv(kdim, split), bk) * bk
-        split = triton.cdiv(kdim, k_per_split)
-        proj_part = torch.empty(split, t, m, device=dev, dtype=torch.float32)
-        ss_part = torch.empty(split, t, device=dev, dtype=torch.float32)
-        K.proj_partial_kernel[(triton.cdiv(t, bt), split)](
-            x2, phi_dot, proj_part, ss_part, t, kdim, k_per_split,
-            M=m, BM=_pow2(m, 16), BT=bt, BK=bk, DOT_MODE=dot_mode, num_warps=8, num_stages=3,
-        )
-        proj = torch.empty(t, m, device=dev, dtype=torch.float32)
-        rinv = torch.empty(t, device=dev, dtype=torch.float32)
-        h_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
-        h_post = torch.empty(t, n, device=dev, dtype=torch.float32)
-        h_res = torch.empty(t, n, n, device=dev, dtype=torch.float32)
-        bt2 = 16
-        K.mappings_fwd_kernel[(triton.cdiv(t, bt2),)](
-            proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res, t, kdim, eps,
-            SPLIT=split, N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc,
-            ITERS=iters, BT=bt2, num_warps=4,
-        )
-        ctx.save_for_backward(x2, phi_c, alpha_f, bias_f, proj, rinv)
-        ctx.meta = (lead, n, c, variant_mhc, iters, x.dtype, phi.dtype, alpha.dtype, bias.dtype)
+        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+        *saved, h_pre, h_post, h_res = _mappings_forward(x, phi, alpha, bias, variant_mhc,
+                                                          iters, eps)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (lead, n, c, variant_mhc, iters, phi.dtype, alpha.dtype, bias.dtype)
         return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
 
     @staticmethod
     def backward(ctx, dh_pre, dh_post, dh_res):
-        x2, phi_c, alpha_f, bias_f, proj, rinv = ctx.saved_tensors
-        lead, n, c, variant_mhc, iters, x_dtype, phi_dtype, alpha_dtype, bias_dtype = ctx.meta
-        t, kdim = x2.shape
-        m = n * n + 2 * n
-        np_ = _pow2(n)
-        dev = x2.device
+        lead, n, c, variant_mhc, iters, phi_dtype, alpha_dtype, bias_dtype = ctx.meta
+        saved = ctx.saved_tensors
+        t, dev = saved[0].shape[0], saved[0].device
+        dx, dphi, dalpha, dbias = _mappings_backward(
+            saved, n, variant_mhc, iters, _grad_f32(dh_pre, (t, n), dev),
+            _grad_f32(dh_post, (t, n), dev), _grad_f32(dh_res, (t, n, n), dev))
+        return (dx.view(*lead, n, c), dphi.to(phi_dtype), dalpha.to(alpha_dtype),
+                dbias.to(bias_dtype), None, None, None)
 
-        def prep(g, shape):
-            if g is None:
-                return torch.zeros(shape, device=dev, dtype=torch.float32)
-            return g.reshape(shape).to(torch.float32).contiguous()
 
-        dh_pre = prep(dh_pre, (t, n))
-        dh_post = prep(dh_post, (t, n))
-        dh_res = prep(dh_res, (t, n, n))
-        dproj = torch.empty(t, m, device=dev, dtype=torch.float32)
-        drinv = torch.empty(t, device=dev, dtype=torch.float32)
-        dalpha_t = torch.empty(t, 3, device=dev, dtype=torch.float32)
-        dbias_t = torch.empty(t, m, device=dev, dtype=torch.float32)
-        scratch = torch.empty(t, 2 * iters * np_ if variant_mhc else 1, device=dev,
-                              dtype=torch.float32)
-        bt = 16
-        K.mappings_bwd_kernel[(triton.cdiv(t, bt),)](
-            proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
-            dproj, drinv, dalpha_t, dbias_t, scratch, t,
-            N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=4,
-        )
-        # rinv = (sum(x^2)/K + eps)^(-1/2): d rinv / dx = -rinv^3 x / K.
-        coef = (-drinv * rinv.pow(3) / kdim).contiguous()
-        dx = torch.empty_like(x2)
-        bk, btb = 64, 64
-        splits = max(1, min(8, triton.cdiv(t, 4 * btb)))
-        rows_per_split = triton.cdiv(triton.cdiv(t, splits), btb) * btb
-        splits = triton.cdiv(t, rows_per_split)
-        dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
-        K.norm_proj_bwd_kernel[(triton.cdiv(kdim, bk), splits)](
-            x2, phi_c, dproj, coef, dx, dphi_part, t, kdim, rows_per_split,
-            M=m, BM=_pow2(m, 16), BT=btb, BK=bk, DOT_IEEE=x2.dtype == torch.float32,
-            num_warps=4, num_stages=2,
-        )
-        dphi = dphi_part.sum(0).to(phi_dtype)
-        dalpha = dalpha_t.sum(0).to(alpha_dtype)
-        dbias = dbias_t.sum(0).to(bias_dtype)
-        return dx.view(*lead, n, c).to(x_dtype), dphi, dalpha, dbias, None, None, None
+class _EntryFunction(torch.autograd.Function):
+    """Mappings + pre-apply of one sublayer: (x, phi, alpha, bias) -> (agg, H_post, H_res).
+
+    Backward: one pass for dH_pre (reads x and d_agg), the per-token mapping backward, then one
+    pass that writes the whole dx (projection, norm and pre-apply terms) and dphi.
+    """
+
+    @staticmethod
+    def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float):
+        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+        *saved, h_pre, h_post, h_res = _mappings_forward(x, phi, alpha, bias, variant_mhc,
+                                                          iters, eps)
+        x2 = saved[0]
+        t = x2.shape[0]
+        agg = torch.empty(t, c, device=x.device, dtype=x.dtype)
+        bt, bc = 4, 512
+        K.pre_apply_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+            x2, h_pre, agg, t, c, N=n, BT=bt, BC=bc, num_warps=4)
+        ctx.save_for_backward(*saved, h_pre)
+        ctx.meta = (lead, n, c, variant_mhc, iters, phi.dtype, alpha.dtype, bias.dtype)
+        return agg.view(*lead, c), h_post.view(*lead, n), h_res.view(*lead, n, n)
+
+    @staticmethod
+    def backward(ctx, d_agg, dh_post, dh_res):
+        lead, n, c, variant_mhc, iters, phi_dtype, alpha_dtype, bias_dtype = ctx.meta
+        *saved, h_pre = ctx.saved_tensors
+        x2 = saved[0]
+        t, dev = x2.shape[0], x2.device
+        if d_agg is None:
+            d_agg = torch.zeros(t, c, device=dev, dtype=x2.dtype)
+        d_agg = d_agg.reshape(t, c).contiguous()
+        dh_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
+        bt, bc = 2, 512
+        K.pre_apply_bwd_kernel[(triton.cdiv(t, bt),)](
+            x2, h_pre, d_agg, x2, dh_pre, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
+            WRITE_DX=False, num_warps=4)
+        dx, dphi, dalpha, dbias = _mappings_backward(
+            saved, n, variant_mhc, iters, dh_pre, _grad_f32(dh_post, (t, n), dev),
+            _grad_f32(dh_res, (t, n, n), dev), d_agg=d_agg, h_pre=h_pre)
+        return (dx.view(*lead, n, c), dphi.to(phi_dtype), dalpha.to(alpha_dtype),
+                dbias.to(bias_dtype), None, None, None)
 
 
 def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
@@ -149,6 +210,21 @@ def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=
         )
     return _MappingsFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),
                                    float(eps))
+
+
+def enter(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
+    """Triton fused ``(pre_apply(x, H_pre), H_post, H_res)`` of one sublayer (see
+    ``megatron_mhc.ops.reference.enter``)."""
+    _check(x, "enter")
+    if variant not in ("mhc", "hc"):
+        raise ValueError(f"mappings are defined for variant 'mhc' or 'hc', got {variant!r}")
+    n = x.shape[-2]
+    if phi.shape != (n * x.shape[-1], n * n + 2 * n):
+        raise ValueError(
+            f"phi must be [n*C, n*n+2n] = {[n * x.shape[-1], n * n + 2 * n]}, got {list(phi.shape)}"
+        )
+    return _EntryFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),
+                                float(eps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +255,7 @@ class _PreApplyFunction(torch.autograd.Function):
         dh = torch.empty(t, n, device=x3.device, dtype=torch.float32)
         bt, bc = 2, 512
         K.pre_apply_bwd_kernel[(triton.cdiv(t, bt),)](
-            x3, h, d, dx, dh, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
+            x3, h, d, dx, dh, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, WRITE_DX=True, num_warps=4)
         return dx.view(*lead, n, c), dh.view(*lead, n).to(h_dtype)
 
 
@@ -241,6 +317,7 @@ def post_res_merge(x, y, h_post, h_res):
 TRITON_OPS = MHCOps(
     name="triton",
     compute_mappings=compute_mappings,
+    enter=enter,
     pre_apply=pre_apply,
     post_res_merge=post_res_merge,
     expand_streams=reference.expand_streams,

@@ -95,6 +95,16 @@ class HyperConnection(MegatronModule):
             self.recorded_h_res.append(h_res.detach())
         return h_pre, h_post, h_res
 
+    def enter(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(sublayer input sum_i H_pre[i] x[i], H_post, H_res)`` in one fused op."""
+        cfg = self.mhc_config
+        agg, h_post, h_res = self.ops.enter(
+            x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps
+        )
+        if self.recorded_h_res is not None:
+            self.recorded_h_res.append(h_res.detach())
+        return agg, h_post, h_res
+
     def aggregate(self, x: Tensor, h_pre: Tensor) -> Tensor:
         """The sublayer input ``sum_i H_pre[i] x[i]`` (``[..., C]``)."""
         return self.ops.pre_apply(x, h_pre)

@@ -131,12 +131,12 @@ class MHCLayerMixin:
                 )
             x = hidden_states.unflatten(-1, (n, hidden))
 
-        h_pre, h_post, h_res = self.attn_hc.mappings(x)
-        y, context = self._forward_attention(self.attn_hc.aggregate(x, h_pre), *args, **kwargs)
+        aggregate, h_post, h_res = self.attn_hc.enter(x)
+        y, context = self._forward_attention(aggregate, *args, **kwargs)
         x = self.attn_hc.merge(x, y, h_post, h_res)
 
-        h_pre, h_post, h_res = self.mlp_hc.mappings(x)
-        y = self._forward_mlp(self.mlp_hc.aggregate(x, h_pre), **mlp_kwargs)
+        aggregate, h_post, h_res = self.mlp_hc.enter(x)
+        y = self._forward_mlp(aggregate, **mlp_kwargs)
         x = self.mlp_hc.merge(x, y, h_post, h_res)
 
         if self.is_last_mhc_layer:

@@ -85,6 +85,29 @@ def test_compute_mappings(dtype, tol, n, c, variant):
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("n, c", [(2, 40), (3, 24), (4, 48)])
+@pytest.mark.parametrize("variant", ["mhc", "hc"])
+def test_fused_entry(dtype, tol, n, c, variant):
+    t = 21
+    m = n * n + 2 * n
+    seed = n * 100 + c
+    x = _randn(t, n, c, seed=seed, dtype=dtype)
+    phi = _randn(n * c, m, seed=seed + 1, dtype=dtype, scale=0.2)
+    alpha = (torch.rand(3, generator=torch.Generator().manual_seed(seed)) + 0.5).to(DEVICE)
+    bias = _randn(m, seed=seed + 2)
+    ops = _ops()
+
+    def fast(x, phi, alpha, bias):
+        return ops.enter(x, phi, alpha, bias, variant, 20, 1e-6)
+
+    def ref(x, phi, alpha, bias):
+        return reference.enter(x, phi, alpha, bias, variant, 20, 1e-6)
+
+    _check_op(f"enter-{variant}-{n}-{c}", fast, ref, [x, phi, alpha, bias],
+              [(t, c), (t, n), (t, n, n)], tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("n, c", [(2, 40), (3, 24), (4, 600), (8, 20)])
 def test_pre_apply(dtype, tol, n, c):
     t = 5

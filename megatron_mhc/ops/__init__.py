@@ -7,6 +7,7 @@ returns the op set the mHC layer calls for a resolved backend name.
 
 from megatron_mhc.ops.reference import (
     compute_mappings,
+    enter,
     expand_streams,
     mappings_from_projection,
     merge_streams,
@@ -20,6 +21,7 @@ from megatron_mhc.ops.dispatch import MHCOps, get_backend_ops
 __all__ = [
     "MHCOps",
     "compute_mappings",
+    "enter",
     "expand_streams",
     "get_backend_ops",
     "mappings_from_projection",

@@ -1,4 +1,4 @@
-"""One op set per kernel backend, behind the same five calls."""
+"""One op set per kernel backend, behind the same calls."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from megatron_mhc.ops import reference
 
 @dataclass(frozen=True)
 class MHCOps:
-    """The five mHC operations of one backend (signatures as in ``megatron_mhc.ops.reference``)."""
+    """The mHC operations of one backend (signatures as in ``megatron_mhc.ops.reference``)."""
 
     name: str
     compute_mappings: Callable
+    enter: Callable
     pre_apply: Callable
     post_res_merge: Callable
     expand_streams: Callable
@@ -23,6 +24,7 @@ class MHCOps:
 TORCH_OPS = MHCOps(
     name="torch",
     compute_mappings=reference.compute_mappings,
+    enter=reference.enter,
     pre_apply=reference.pre_apply,
     post_res_merge=reference.post_res_merge,
     expand_streams=reference.expand_streams,

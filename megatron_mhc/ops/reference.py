@@ -136,6 +136,24 @@ def compute_mappings(
     return mappings_from_projection(proj, inv_rms, alpha, bias, n, variant, sinkhorn_iters)
 
 
+def enter(
+    x: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    variant: str = "mhc",
+    sinkhorn_iters: int = 20,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """What a sublayer needs on entry: ``(pre_apply(x, H_pre), H_post, H_res)``.
+
+    The composition of ``compute_mappings`` and ``pre_apply``; fused backends implement it as one
+    op so their backward writes dx in a single pass.
+    """
+    h_pre, h_post, h_res = compute_mappings(x, phi, alpha, bias, variant, sinkhorn_iters, eps)
+    return pre_apply(x, h_pre), h_post, h_res
+
+
 def pre_apply(x: Tensor, h_pre: Tensor) -> Tensor:
     """Aggregate the streams into the sublayer input: ``sum_i H_pre[i] * x[i]`` -> ``[..., C]``."""
     cd = compute_dtype(x.dtype)
