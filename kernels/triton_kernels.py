@@ -270,7 +270,7 @@ def norm_proj_bwd_kernel(
     x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr, h_pre_ptr, d_agg_ptr,
     T, K, C, rows_per_split,
     N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    DOT_IEEE: tl.constexpr, WITH_PRE: tl.constexpr,
+    DOT_IEEE: tl.constexpr, WITH_PRE: tl.constexpr, ONE_STREAM_PER_BLOCK: tl.constexpr,
 ):
     # WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
     # fused entry op writes its whole dx in this one pass.
@@ -302,9 +302,14 @@ def norm_proj_bwd_kernel(
         dxt += coef[:, None] * xf
         if WITH_PRE:
             m2 = row_ok[:, None] & k_ok[None, :]
-            hp = tl.load(h_pre_ptr + rows[:, None] * N + (ks // C)[None, :], mask=m2, other=0.0)
             da = tl.load(d_agg_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0)
-            dxt += hp * da.to(tl.float32)
+            if ONE_STREAM_PER_BLOCK:  # C % BK == 0: the block lies in stream (kb * BK) // C
+                hp = tl.load(h_pre_ptr + rows * N + (kb * BK) // C, mask=row_ok, other=0.0)
+                dxt += hp[:, None] * da.to(tl.float32)
+            else:
+                hp2 = tl.load(h_pre_ptr + rows[:, None] * N + (ks // C)[None, :], mask=m2,
+                              other=0.0)
+                dxt += hp2 * da.to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * K + ks[None, :], dxt.to(xt.dtype),
                  mask=row_ok[:, None] & k_ok[None, :])
     tl.store(dphi_part_ptr + split * K * M + ks[:, None] * M + cols_m[None, :], dphi,

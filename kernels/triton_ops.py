@@ -111,7 +111,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, dh_pre, dh_post, dh_res, d_
     # rinv = (sum(x^2)/K + eps)^(-1/2): d rinv / dx = -rinv^3 x / K.
     coef = (-drinv * rinv.pow(3) / kdim).contiguous()
     dx = torch.empty_like(x2)
-    bk, btb = 64, 64
+    bk, btb = 128, 64
     splits = max(1, min(8, triton.cdiv(t, 4 * btb)))
     rows_per_split = triton.cdiv(triton.cdiv(t, splits), btb) * btb
     splits = triton.cdiv(t, rows_per_split)
@@ -122,7 +122,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, dh_pre, dh_post, dh_res, d_
         h_pre if with_pre else coef, d_agg if with_pre else coef,
         t, kdim, c, rows_per_split,
         N=n, M=m, BM=_pow2(m, 16), BT=btb, BK=bk, DOT_IEEE=x2.dtype == torch.float32,
-        WITH_PRE=with_pre, num_warps=4, num_stages=2,
+        WITH_PRE=with_pre, ONE_STREAM_PER_BLOCK=c % bk == 0, num_warps=8, num_stages=2,
     )
     return dx, dphi_part.sum(0), dalpha_t.sum(0), dbias_t.sum(0)
 

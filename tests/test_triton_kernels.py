@@ -85,7 +85,7 @@ def test_compute_mappings(dtype, tol, n, c, variant):
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
-@pytest.mark.parametrize("n, c", [(2, 40), (3, 24), (4, 48)])
+@pytest.mark.parametrize("n, c", [(2, 40), (3, 24), (4, 48), (2, 256)])
 @pytest.mark.parametrize("variant", ["mhc", "hc"])
 def test_fused_entry(dtype, tol, n, c, variant):
     t = 21
