@@ -5,6 +5,8 @@ Layout: tokens are rows. ``x`` is ``[T, n, C]`` contiguous (row stride n*C), the
 to a power of two; padded lanes are masked (Sinkhorn uses -inf there). All arithmetic is float32.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -265,12 +267,24 @@ def mappings_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Norm + projection backward: dx = dproj @ phi^T + coef * x, dphi = x^T @ dproj (per T-split).
 # ----------------------------------------------------------------------------------------------
+def _norm_proj_bwd_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BK": 64, "BT": 32}, num_warps=4)]
+    return [
+        triton.Config({"BK": bk, "BT": bt}, num_warps=w, num_stages=st)
+        for bk, bt, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2),
+                              (128, 32, 4, 3), (32, 64, 4, 3))
+    ]
+
+
+@triton.autotune(configs=_norm_proj_bwd_configs(), key=["K", "C", "M", "WITH_PRE"],
+                 reset_to_zero=[])
 @triton.jit
 def norm_proj_bwd_kernel(
     x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr, h_pre_ptr, d_agg_ptr,
     T, K, C, rows_per_split,
-    N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    DOT_IEEE: tl.constexpr, WITH_PRE: tl.constexpr, ONE_STREAM_PER_BLOCK: tl.constexpr,
+    N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    DOT_IEEE: tl.constexpr, WITH_PRE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     # WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
     # fused entry op writes its whole dx in this one pass.
@@ -303,7 +317,7 @@ def norm_proj_bwd_kernel(
         if WITH_PRE:
             m2 = row_ok[:, None] & k_ok[None, :]
             da = tl.load(d_agg_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0)
-            if ONE_STREAM_PER_BLOCK:  # C % BK == 0: the block lies in stream (kb * BK) // C
+            if C % BK == 0:  # the block lies in one stream, (kb * BK) // C
                 hp = tl.load(h_pre_ptr + rows * N + (kb * BK) // C, mask=row_ok, other=0.0)
                 dxt += hp[:, None] * da.to(tl.float32)
             else:

@@ -111,18 +111,17 @@ def _mappings_backward(saved, n, variant_mhc, iters, dh_pre, dh_post, dh_res, d_
     # rinv = (sum(x^2)/K + eps)^(-1/2): d rinv / dx = -rinv^3 x / K.
     coef = (-drinv * rinv.pow(3) / kdim).contiguous()
     dx = torch.empty_like(x2)
-    bk, btb = 128, 64
-    splits = max(1, min(8, triton.cdiv(t, 4 * btb)))
-    rows_per_split = triton.cdiv(triton.cdiv(t, splits), btb) * btb
+    # T-splits of whole 128-row chunks (every autotuned BT divides 128), for parallelism.
+    splits = max(1, min(8, triton.cdiv(t, 512)))
+    rows_per_split = triton.cdiv(triton.cdiv(t, splits), 128) * 128
     splits = triton.cdiv(t, rows_per_split)
     dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
     with_pre = d_agg is not None
-    K.norm_proj_bwd_kernel[(triton.cdiv(kdim, bk), splits)](
+    K.norm_proj_bwd_kernel[lambda meta: (triton.cdiv(kdim, meta["BK"]), splits)](
         x2, phi_c, dproj, coef, dx, dphi_part,
         h_pre if with_pre else coef, d_agg if with_pre else coef,
         t, kdim, c, rows_per_split,
-        N=n, M=m, BM=_pow2(m, 16), BT=btb, BK=bk, DOT_IEEE=x2.dtype == torch.float32,
-        WITH_PRE=with_pre, ONE_STREAM_PER_BLOCK=c % bk == 0, num_warps=8, num_stages=2,
+        N=n, M=m, BM=_pow2(m, 16), DOT_IEEE=x2.dtype == torch.float32, WITH_PRE=with_pre,
     )
     return dx, dphi_part.sum(0), dalpha_t.sum(0), dbias_t.sum(0)
 
