@@ -47,9 +47,8 @@ def build_block(args, variant: str, backend: str):
     return TransformerBlock(config, spec).cuda()
 
 
-def measure(args, variant: str, backend: str):
-    import triton
-
+def make_step(args, variant: str, backend: str):
+    """A block of the variant and a closure running one forward + backward on fixed inputs."""
     torch.manual_seed(0)
     block = build_block(args, variant, backend)
     x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",
@@ -59,20 +58,38 @@ def measure(args, variant: str, backend: str):
     def step():
         out = block(hidden_states=x, attention_mask=None)
         out.backward(grad)
+        x.grad = None
+        for p in block.parameters():
+            p.grad = None
 
-    for _ in range(3):
-        step()
+    return step
+
+
+def peak_memory(step) -> int:
+    """Peak memory allocated during one step, above what was allocated before it."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    ms = triton.testing.do_bench(step, warmup=5, rep=40, return_mode="median",
-                                 grad_to_none=[x] + list(block.parameters()))
-    del block
-    torch.cuda.empty_cache()
-    return ms, peak
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure_all(args, variants):
+    """Median step time over interleaved rounds (so clock drift hits every variant alike)."""
+    import triton
+
+    steps = {name: make_step(args, variant, backend) for name, variant, backend in variants}
+    for step in steps.values():  # compile, autotune, warm up
+        for _ in range(3):
+            step()
+    peaks = {name: peak_memory(step) for name, step in steps.items()}
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(triton.testing.do_bench(step, warmup=100, rep=1000,
+                                                       return_mode="median"))
+    return [(name, sorted(ts)[len(ts) // 2], peaks[name], ts) for name, ts in times.items()]
 
 
 def main(argv=None):
@@ -84,6 +101,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--backends", default="torch,triton")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_layer.py needs a CUDA GPU")
@@ -97,18 +115,21 @@ def main(argv=None):
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(0)
 
-    results = [("plain residual", *measure(args, "plain", "torch"))]
-    for backend in args.backends.split(","):
-        results.append((f"mHC n={args.n}, {backend} ops", *measure(args, "mhc", backend)))
+    variants = [("plain residual", "plain", "torch")] + [
+        (f"mHC n={args.n}, {backend} ops", "mhc", backend) for backend in args.backends.split(",")
+    ]
+    results = measure_all(args, variants)
     plain_ms, plain_mem = results[0][1], results[0][2]
     print(f"device: {torch.cuda.get_device_name()} | {args.layers} GPT layers, C={args.hidden}, "
-          f"seq {args.seq}, micro-batch {args.micro_batch}, bf16, fwd+bwd")
-    print("| variant | step time (ms) | per layer (ms) | overhead vs plain | peak activation "
-          "memory (GiB) | memory vs plain |")
-    print("|---|---|---|---|---|---|")
-    for name, ms, peak in results:
+          f"seq {args.seq}, micro-batch {args.micro_batch}, bf16, fwd+bwd | median of "
+          f"{args.rounds} interleaved rounds of do_bench(rep=1 s)")
+    print("| variant | step time (ms) | per layer (ms) | overhead vs plain | rounds (ms) "
+          "| peak activation memory (GiB) | memory vs plain |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ms, peak, rounds in results:
+        spread = ", ".join(f"{r:.1f}" for r in rounds)
         print(f"| {name} | {ms:.2f} | {ms / args.layers:.2f} | {100 * (ms / plain_ms - 1):+.1f}% "
-              f"| {peak / 2**30:.2f} | {peak / plain_mem:.2f}x |")
+              f"| {spread} | {peak / 2**30:.2f} | {peak / plain_mem:.2f}x |")
     torch.distributed.destroy_process_group()
 
 
