@@ -100,7 +100,8 @@ def main(argv=None):
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--backends", default="torch,triton")
+    parser.add_argument("--backends", default="torch,triton",
+                        help="comma-separated mHC kernel backends to time (torch, triton, tilelang)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

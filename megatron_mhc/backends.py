@@ -47,8 +47,9 @@ def triton_availability() -> Availability:
 
 @functools.lru_cache(maxsize=None)
 def tilelang_availability() -> Availability:
-    """The TileLang path needs tilelang and DeepSeek's tile-kernels package, and a CUDA device."""
-    for module in ("tilelang", "tile_kernels"):
+    """The TileLang path needs tilelang, DeepSeek's tile-kernels package and a CUDA device (and
+    Triton, which serves the ops TileKernels does not have)."""
+    for module in ("tilelang", "tile_kernels", "triton"):
         probe = _probe_import(module)
         if not probe.available:
             return probe

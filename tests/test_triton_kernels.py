@@ -164,3 +164,21 @@ def test_mhc_gpt_with_triton_backend_matches_torch_backend(megatron_cpu):
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     for name, grad in results["torch"][1].items():
         _assert_close(results["triton"][1][name], grad, 1e-4, name)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TileKernels runs on a GPU only")
+@pytest.mark.parametrize("n, c", [(4, 256), (4, 1024)])
+def test_tilelang_backend_post_res_merge(n, c):
+    from megatron_mhc.backends import tilelang_availability
+
+    if not tilelang_availability().available:
+        pytest.skip(tilelang_availability().reason)
+    from megatron_mhc.kernels.tilelang_ops import TILELANG_OPS
+
+    t = 64
+    x = _randn(t, n, c, seed=n * c, dtype=torch.bfloat16)
+    y = _randn(t, c, seed=n * c + 1, dtype=torch.bfloat16)
+    h_post = (2 * torch.rand(t, n, generator=torch.Generator().manual_seed(n))).to(DEVICE)
+    h_res = torch.rand(t, n, n, generator=torch.Generator().manual_seed(c)).to(DEVICE)
+    _check_op(f"tilelang-post-{n}-{c}", TILELANG_OPS.post_res_merge, reference.post_res_merge,
+              [x, y, h_post, h_res], [(t, n, c)], 2e-2)
