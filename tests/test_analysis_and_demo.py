@@ -51,3 +51,13 @@ def test_demo_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["--variants", "mhc,foo"])
     assert "allowed values are mhc, hc, residual" in capsys.readouterr().err
+
+
+def test_cli_info_and_bad_command(capsys):
+    from megatron_mhc.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel backend torch" in out and "auto resolves to" in out
+    assert main(["frobnicate"]) == 2
+    assert "allowed: info, demo" in capsys.readouterr().err
