@@ -63,11 +63,13 @@ def check_transformer_config(config: TransformerConfig, mhc_config: MHCConfig) -
     if (
         not mhc_config.is_residual
         and getattr(config, "pipeline_model_parallel_size", 1) > 1
-        and not getattr(config, "mhc_pipeline_hooks_installed", False)
+        and not getattr(config, "variable_seq_lengths", False)
     ):
+        # Stages exchange [s, b, n*C], not Megatron's fixed [s, b, C]: Megatron's own
+        # variable_seq_lengths mode sends each tensor's shape before the tensor.
         problems.append(
-            "--pipeline-model-parallel-size > 1 with mHC needs the megatron-mhc pipeline hooks "
-            "(pipeline tensor shapes of n*C); they are not installed"
+            "--pipeline-model-parallel-size > 1 with mHC needs --variable-seq-lengths "
+            "(TransformerConfig.variable_seq_lengths=True): stages exchange [s, b, n*C] tensors"
         )
     if problems:
         raise ValueError("mHC layer: " + "; ".join(problems))

@@ -112,3 +112,87 @@ def checkpoint_save_or_load(rank, world_size, port, mode, ckpt_dir, out_path, mh
             torch.save({"loss": loss, "loss_before": loss_before}, out_path)
     finally:
         destroy_cpu_distributed()
+
+
+def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs, first_stage_layers=None):
+    """Two training-schedule steps of a 4-layer mHC GPT at PP = world_size (VPP = ``vpp``) through
+    Megatron's own schedules; saves the losses and every mHC gradient keyed by global layer."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_mhc import MHCConfig
+    from megatron_mhc.layer import MHCLayerMixin
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
+
+    init_cpu_distributed(rank, world_size, port, pipeline_model_parallel_size=world_size,
+                         virtual_pipeline_model_parallel_size=vpp)
+    try:
+        torch.manual_seed(1234)
+        # batch_p2p_comm=False: gloo's batched isend/irecv raced in the interleaved schedule on
+        # CPU (a stale activation for the third micro-batch, with the plain residual model too).
+        extra = dict(batch_p2p_comm=False)
+        if first_stage_layers is not None:  # uneven split
+            extra["num_layers_in_first_pipeline_stage"] = first_stage_layers
+        settings = TinyGPTSettings(num_layers=4, pipeline_model_parallel_size=world_size,
+                                   virtual_pipeline_model_parallel_size=vpp, extra_config=extra)
+        # Every rank builds every chunk of every stage in the same order, so all parameters get
+        # the same initial values as at PP=1; each rank keeps its own chunks.
+        chunks = _build_pipeline_chunks(settings, MHCConfig(**mhc_kwargs), world_size, vpp,
+                                        build_tiny_gpt)
+        micro_batches = [fixed_tokens(batch=2, seed=200 + i) for i in range(4)]
+
+        def forward_step(data_iterator, model):
+            input_ids, position_ids, labels, mask = causal_lm_inputs(next(data_iterator))
+            output = model(input_ids, position_ids, mask, labels=labels)
+
+            def loss_func(output_tensor):
+                loss = output_tensor.float().mean()
+                return loss, {"loss": loss.detach()}
+
+            return output, loss_func
+
+        schedule = get_forward_backward_func()
+        iterators = [iter(micro_batches) for _ in chunks]
+        losses = schedule(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro_batches), seq_length=32, micro_batch_size=2,
+            forward_only=False,
+        )
+        grads = {}
+        for chunk in chunks:
+            for layer in chunk.decoder.layers:
+                assert isinstance(layer, MHCLayerMixin)
+                if rank == 0 and first_stage_layers is not None:
+                    assert len(chunk.decoder.layers) == first_stage_layers
+                for which, hc in (("attn", layer.attn_hc), ("mlp", layer.mlp_hc)):
+                    if hc is None:  # the residual variant has no mappings
+                        continue
+                    for pname, p in hc.named_parameters():
+                        grads[f"{layer.layer_number}.{which}.{pname}"] = p.grad.detach().clone()
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, {
+            "losses": [d["loss"] for d in losses] if losses else [], "grads": grads})
+        if rank == 0:
+            merged = {"losses": [], "grads": {}}
+            for part in gathered:
+                merged["losses"] += part["losses"]
+                merged["grads"].update(part["grads"])
+            torch.save(merged, out_path)
+    finally:
+        destroy_cpu_distributed()
+
+
+def _build_pipeline_chunks(settings, mhc_config, pp, vpp, build):
+    from megatron.core import parallel_state
+
+    my_rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = []
+    for vp_stage in range(vpp or 1):  # global layer order: virtual stage, then stage
+        for stage in range(pp):
+            parallel_state.set_pipeline_model_parallel_rank(stage)
+            model = build(settings, mhc_config, vp_stage=vp_stage if vpp else None)
+            if stage == my_rank:
+                chunks.append(model)
+    parallel_state.set_pipeline_model_parallel_rank(my_rank)
+    return chunks

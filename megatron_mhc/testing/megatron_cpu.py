@@ -3,7 +3,8 @@
 Megatron-Core assumes CUDA in three places that a small CPU run reaches (see
 shared/notes/megatron-core-on-cpu.md): the global memory buffer, the default causal mask and the
 CUDA RNG tracker; with tensor/sequence parallelism also the collectives' output buffers, which
-are allocated on ``torch.cuda.current_device()``. ``patch_megatron_for_cpu()`` replaces them in
+are allocated on ``torch.cuda.current_device()``, and with pipeline parallelism the schedules'
+token counters (``device="cuda"``). ``patch_megatron_for_cpu()`` replaces them in
 this process only, and only when no CUDA device is visible.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import datetime
 import os
 import socket
+import types
 
 import torch
 
@@ -44,11 +46,29 @@ def patch_megatron_for_cpu() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     # dist-ckpt's writer synchronizes the device before copying tensors.
     torch.cuda.synchronize = lambda device=None: None
+    # The pipeline schedules count tokens in torch.zeros(..., device="cuda").
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCPU()
     core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
     tp_random.CudaRNGStatesTracker.fork = fork
     _PATCHED = True
+
+
+class _TorchOnCPU(types.ModuleType):
+    """``torch`` as one Megatron module sees it, with ``device="cuda"`` allocations on CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
 
 def free_port() -> int:

@@ -27,6 +27,8 @@ class TinyGPTSettings:
     seq_length: int = 32
     sequence_parallel: bool = False
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
     params_dtype: torch.dtype = torch.float32
     extra_config: dict = field(default_factory=dict)
 
@@ -49,6 +51,12 @@ def tiny_transformer_config(settings: TinyGPTSettings) -> TransformerConfig:
         apply_rope_fusion=False,
         add_bias_linear=False,
         tensor_model_parallel_size=settings.tensor_model_parallel_size,
+        pipeline_model_parallel_size=settings.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=settings.virtual_pipeline_model_parallel_size,
+        variable_seq_lengths=settings.pipeline_model_parallel_size > 1,
+        # Megatron refuses variable_seq_lengths with the (default) allgather MoE dispatcher,
+        # even for dense models.
+        moe_token_dispatcher_type="alltoall",
         sequence_parallel=settings.sequence_parallel,
         params_dtype=settings.params_dtype,
         pipeline_dtype=settings.params_dtype,
@@ -78,9 +86,16 @@ def tiny_block_spec(layer_spec, num_layers: int) -> TransformerBlockSubmodules:
 
 
 def build_tiny_gpt(
-    settings: TinyGPTSettings, mhc_config: Optional[MHCConfig] = None, plain: bool = False
+    settings: TinyGPTSettings,
+    mhc_config: Optional[MHCConfig] = None,
+    plain: bool = False,
+    vp_stage: Optional[int] = None,
 ) -> GPTModel:
-    """A ``GPTModel`` with the mHC layer spec (``plain=True``: Megatron's own local spec)."""
+    """A ``GPTModel`` with the mHC layer spec (``plain=True``: Megatron's own local spec), for
+    this rank's pipeline stage (and virtual stage ``vp_stage``)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
     config = tiny_transformer_config(settings)
     if plain:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -88,12 +103,16 @@ def build_tiny_gpt(
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     else:
         spec = get_gpt_layer_with_mhc_spec(mhc_config, normalization="RMSNorm")
+    num_local_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return GPTModel(
         config=config,
-        transformer_layer_spec=tiny_block_spec(spec, settings.num_layers),
+        transformer_layer_spec=tiny_block_spec(spec, num_local_layers),
         vocab_size=settings.vocab_size,
         max_sequence_length=settings.seq_length,
         position_embedding_type="learned_absolute",
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
     )
 
 
