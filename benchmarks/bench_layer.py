@@ -18,7 +18,7 @@ import sys
 import torch
 
 
-def build_block(args, variant: str, backend: str):
+def build_block(args, variant: str, backend: str, recompute_block=None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlock
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -43,14 +43,15 @@ def build_block(args, variant: str, backend: str):
     spec = dataclasses.replace(
         spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
     if variant != "plain":
-        spec = with_mhc(spec, MHCConfig(expansion_rate=args.n, kernel_backend=backend))
+        spec = with_mhc(spec, MHCConfig(expansion_rate=args.n, kernel_backend=backend,
+                                        recompute_block=recompute_block))
     return TransformerBlock(config, spec).cuda()
 
 
-def make_step(args, variant: str, backend: str):
+def make_step(args, variant: str, backend: str, recompute_block=None):
     """A block of the variant and a closure running one forward + backward on fixed inputs."""
     torch.manual_seed(0)
-    block = build_block(args, variant, backend)
+    block = build_block(args, variant, backend, recompute_block)
     x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",
                     dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
@@ -79,7 +80,8 @@ def measure_all(args, variants):
     """Median step time over interleaved rounds (so clock drift hits every variant alike)."""
     import triton
 
-    steps = {name: make_step(args, variant, backend) for name, variant, backend in variants}
+    steps = {name: make_step(args, variant, backend, block)
+             for name, variant, backend, block in variants}
     for step in steps.values():  # compile, autotune, warm up
         for _ in range(3):
             step()
@@ -103,6 +105,8 @@ def main(argv=None):
     parser.add_argument("--backends", default="torch,triton",
                         help="comma-separated mHC kernel backends to time (torch, triton, tilelang)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--recompute-blocks", type=int, nargs="*", default=[],
+                        help="also time mHC (triton) with these L_r (0: the paper's optimum)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_layer.py needs a CUDA GPU")
@@ -116,8 +120,12 @@ def main(argv=None):
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(0)
 
-    variants = [("plain residual", "plain", "torch")] + [
-        (f"mHC n={args.n}, {backend} ops", "mhc", backend) for backend in args.backends.split(",")
+    variants = [("plain residual", "plain", "torch", None)] + [
+        (f"mHC n={args.n}, {backend} ops", "mhc", backend, None)
+        for backend in args.backends.split(",")
+    ] + [
+        (f"mHC n={args.n}, triton ops, recompute L_r={block or 'auto'}", "mhc", "triton", block)
+        for block in args.recompute_blocks
     ]
     results = measure_all(args, variants)
     plain_ms, plain_mem = results[0][1], results[0][2]

@@ -28,6 +28,7 @@ from megatron_mhc.backends import resolve_backend
 from megatron_mhc.config import MHCConfig
 from megatron_mhc.hyper_connection import HyperConnection
 from megatron_mhc.ops import get_backend_ops
+from megatron_mhc.recompute import REGISTRY, optimal_recompute_block, saved_stream_hooks
 
 
 def _bias_dropout(x_with_bias, residual, prob: float, training: bool) -> Tensor:
@@ -91,6 +92,11 @@ class MHCLayerMixin:
         self.mhc_ops = ops
         self.is_first_mhc_layer = self.layer_number == 1
         self.is_last_mhc_layer = self.layer_number == self.config.num_layers
+        block = self.mhc_config.recompute_block
+        if block == 0:
+            block = optimal_recompute_block(self.mhc_config.n, self.config.num_layers)
+        #: L_r: layers per mHC recompute block (None: every stream is stored).
+        self.mhc_recompute_block = None if self.mhc_config.is_residual else block
         if self.mhc_config.is_residual:
             self.attn_hc = None
             self.mlp_hc = None
@@ -133,19 +139,45 @@ class MHCLayerMixin:
                 )
             x = hidden_states.unflatten(-1, (n, hidden))
 
-        aggregate, h_post, h_res = self.attn_hc.enter(x)
-        y, context = self._forward_attention(aggregate, *args, **kwargs)
-        x = self.attn_hc.merge(x, y, h_post, h_res)
-
-        aggregate, h_post, h_res = self.mlp_hc.enter(x)
-        y = self._forward_mlp(aggregate, **mlp_kwargs)
-        x = self.mlp_hc.merge(x, y, h_post, h_res)
+        recompute = (
+            self.mhc_recompute_block is not None and self.training and torch.is_grad_enabled()
+        )
+        if recompute:
+            starts_block = (self.layer_number - 1) % self.mhc_recompute_block == 0
+            if starts_block or not REGISTRY.is_live(x):
+                REGISTRY.add_block_input(x)
+        x, context = self._sublayer(self.attn_hc, x, recompute,
+                                    lambda a: self._forward_attention(a, *args, **kwargs))
+        x, _ = self._sublayer(self.mlp_hc, x, recompute,
+                              lambda a: (self._forward_mlp(a, **mlp_kwargs), None))
 
         if self.is_last_mhc_layer:
             out = self.mhc_ops.merge_streams(x)
         else:
             out = x.flatten(-2)
-        return make_viewless_tensor(out, requires_grad=out.requires_grad, keep_graph=True), context
+        out = make_viewless_tensor(out, requires_grad=out.requires_grad, keep_graph=True)
+        if recompute and not self.is_last_mhc_layer:
+            REGISTRY.retarget(out)  # the next layer finds its input stream through this tensor
+        return out, context
+
+
+    def _sublayer(self, hc: HyperConnection, x: Tensor, recompute: bool, run_sublayer):
+        """``H_res x + H_post^T F(H_pre x)`` for one sublayer; with recompute, the stream x is
+        saved as a token and its successor registered to be rebuilt in the backward."""
+        if not recompute:
+            aggregate, h_post, h_res = hc.enter(x)
+            y, context = run_sublayer(aggregate)
+            return hc.merge(x, y, h_post, h_res), context
+        with saved_stream_hooks():
+            aggregate, h_post, h_res = hc.enter(x)
+        y, context = run_sublayer(aggregate)
+        with saved_stream_hooks():
+            out = hc.merge(x, y, h_post, h_res)
+        y_saved, hp_saved, hr_saved = y.detach(), h_post.detach(), h_res.detach()
+        REGISTRY.add_merged(
+            out, x, lambda parent: hc.merge(parent, y_saved, hp_saved, hr_saved)
+        )
+        return out, context
 
 
 class MHCTransformerLayer(MHCLayerMixin, TransformerLayer):

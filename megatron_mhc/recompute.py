@@ -1,0 +1,141 @@
+"""Recompute of the n-stream residual in blocks of L_r layers (the paper's mHC recompute).
+
+Without recompute every sublayer keeps its n*C-wide input stream x_k for the backward (the
+mappings and the merge need it): n times the plain model's residual memory. With blocks of L_r
+layers, only each block's first stream is stored; a later stream of the block is rebuilt in the
+backward from the one before it, x_{k+1} = H_res,k x_k + H_post,k^T y_k, using the sublayer output
+y_k and the per-token mappings, which the merge keeps anyway (C-wide and tiny).
+
+Mechanism: saved-tensor hooks around the mHC ops of each sublayer. When an op saves a stream that
+this module produced (recognised by its storage), the hook stores a small token instead; the
+unpack hook rebuilds the stream on first use in the backward and caches it until its last use.
+
+L_r choice: a block stores its first stream (n*C per token) and, during its backward, holds up to
+2*L_r rebuilt streams; over L layers that is n*C*(L/L_r) + n*C*2*L_r... the paper minimises the
+analogous sum n*C*ceil(L/L_r) + (n+2)*C*L_r, giving L_r* = sqrt(n*L/(n+2)) (rounded, >= 1), the
+default for ``recompute_block=0``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+
+def optimal_recompute_block(n: int, num_layers: int) -> int:
+    """The paper's memory-optimal block size L_r* = sqrt(n L / (n + 2)), rounded, at least 1."""
+    return max(1, round(math.sqrt(n * num_layers / (n + 2))))
+
+
+class _Stream:
+    """One stream of a block: the stored block input, or how to rebuild a merged stream."""
+
+    __slots__ = ("tensor", "parent", "rebuild", "stored", "uses_left", "cache")
+
+    def __init__(self, tensor: Tensor, parent: Optional["_Stream"],
+                 rebuild: Optional[Callable[[Tensor], Tensor]]):
+        self.tensor = weakref.ref(tensor)  # alive while the forward still holds it
+        self.parent = parent
+        self.rebuild = rebuild
+        # The block input is saved by the mHC ops anyway; holding it here costs nothing extra
+        # and ends with the last token of its block (tokens -> entries -> parent chain).
+        self.stored = tensor if parent is None else None
+        self.uses_left = 0
+        self.cache: Optional[Tensor] = None
+
+    def materialise(self) -> Tensor:
+        """This stream's value, rebuilt (and cached) from the block input when needed."""
+        if self.stored is not None:
+            return self.stored
+        if self.cache is None:
+            with torch.no_grad():
+                self.cache = self.rebuild(self.parent.materialise())
+        return self.cache
+
+
+class StreamRecompute:
+    """Registry of the live streams of the blocks in flight (micro-batches included).
+
+    Live streams are found by their storage; a saved stream becomes a token holding its
+    ``_Stream``, so a later reuse of the same memory cannot be mistaken for it.
+    """
+
+    def __init__(self):
+        self.live: Dict[int, _Stream] = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _key(t: Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    def _lookup(self, t: Tensor) -> Optional[_Stream]:
+        entry = self.live.get(self._key(t))
+        if entry is None or entry.tensor() is None:
+            return None
+        return entry
+
+    def _purge(self) -> None:
+        for key in [k for k, e in self.live.items() if e.tensor() is None]:
+            del self.live[key]
+
+    def is_live(self, t: Tensor) -> bool:
+        """Whether ``t`` (or a view of its storage) is a registered stream still in use."""
+        with self.lock:
+            return self._lookup(t) is not None
+
+    def retarget(self, t: Tensor) -> None:
+        """Let the live stream sharing ``t``'s storage be tracked through ``t`` (a new tensor
+        object for the same memory, e.g. a layer's returned viewless output)."""
+        with self.lock:
+            entry = self._lookup(t)
+            if entry is not None:
+                entry.tensor = weakref.ref(t)
+
+    def add_block_input(self, x: Tensor) -> None:
+        """Register x as a block input: stored as usual (the mHC ops save it), never rebuilt."""
+        with self.lock:
+            self._purge()
+            self.live[self._key(x)] = _Stream(x, None, None)
+
+    def add_merged(self, out: Tensor, parent: Tensor, rebuild: Callable[[Tensor], Tensor]) -> bool:
+        """Register ``out = rebuild(parent)``; False when ``parent`` is in no block in flight."""
+        with self.lock:
+            parent_entry = self._lookup(parent)
+            if parent_entry is None:
+                return False
+            self.live[self._key(out)] = _Stream(out, parent_entry, rebuild)
+            return True
+
+    def pack(self, t: Tensor):
+        """Saved-tensor pack hook: a token for a registered (non-input) stream, else the tensor."""
+        with self.lock:
+            entry = self._lookup(t) if t.dim() > 0 else None
+            if entry is None or entry.stored is not None:
+                return t
+            entry.uses_left += 1
+        return ("mhc-stream", entry, t.shape, t.stride(), t.storage_offset())
+
+    def unpack(self, packed):
+        """Saved-tensor unpack hook: rebuild a tokenised stream (cached until its last use)."""
+        if not (isinstance(packed, tuple) and packed and packed[0] == "mhc-stream"):
+            return packed
+        _, entry, shape, stride, offset = packed
+        with self.lock:
+            full = entry.materialise()
+            entry.uses_left -= 1
+            if entry.uses_left == 0:
+                entry.cache = None
+        return full.as_strided(shape, stride, offset)
+
+
+REGISTRY = StreamRecompute()
+
+
+def saved_stream_hooks():
+    """The saved-tensor hooks context the mHC ops of a recomputed sublayer run under."""
+    return torch.autograd.graph.saved_tensors_hooks(REGISTRY.pack, REGISTRY.unpack)
