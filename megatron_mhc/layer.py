@@ -142,14 +142,17 @@ class MHCLayerMixin:
         recompute = (
             self.mhc_recompute_block is not None and self.training and torch.is_grad_enabled()
         )
+        block_input = None
         if recompute:
             starts_block = (self.layer_number - 1) % self.mhc_recompute_block == 0
             if starts_block or not REGISTRY.is_live(x):
-                REGISTRY.add_block_input(x)
+                block_input = REGISTRY.add_block_input(x)
         x, context = self._sublayer(self.attn_hc, x, recompute,
                                     lambda a: self._forward_attention(a, *args, **kwargs))
         x, _ = self._sublayer(self.mlp_hc, x, recompute,
                               lambda a: (self._forward_mlp(a, **mlp_kwargs), None))
+        if block_input is not None:
+            REGISTRY.drop(block_input)
 
         if self.is_last_mhc_layer:
             out = self.mhc_ops.merge_streams(x)

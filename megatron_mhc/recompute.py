@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ def optimal_recompute_block(n: int, num_layers: int) -> int:
 class _Stream:
     """One stream of a block: the stored block input, or how to rebuild a merged stream."""
 
-    __slots__ = ("tensor", "parent", "rebuild", "stored", "uses_left", "cache")
+    __slots__ = ("tensor", "parent", "rebuild", "stored", "uses_left", "cache", "__weakref__")
 
     def __init__(self, tensor: Tensor, parent: Optional["_Stream"],
                  rebuild: Optional[Callable[[Tensor], Tensor]]):
@@ -66,7 +66,9 @@ class StreamRecompute:
     """
 
     def __init__(self):
-        self.live: Dict[int, _Stream] = {}
+        # Weak values: an entry lives as long as its tensor (which carries it as an attribute),
+        # its tokens in the autograd graph, or a child stream; then it leaves this map by itself.
+        self.live: "weakref.WeakValueDictionary[int, _Stream]" = weakref.WeakValueDictionary()
         self.lock = threading.Lock()
 
     @staticmethod
@@ -78,10 +80,6 @@ class StreamRecompute:
         if entry is None or entry.tensor() is None:
             return None
         return entry
-
-    def _purge(self) -> None:
-        for key in [k for k, e in self.live.items() if e.tensor() is None]:
-            del self.live[key]
 
     def is_live(self, t: Tensor) -> bool:
         """Whether ``t`` (or a view of its storage) is a registered stream still in use."""
@@ -95,12 +93,24 @@ class StreamRecompute:
             entry = self._lookup(t)
             if entry is not None:
                 entry.tensor = weakref.ref(t)
+                t._mhc_stream = entry
 
-    def add_block_input(self, x: Tensor) -> None:
-        """Register x as a block input: stored as usual (the mHC ops save it), never rebuilt."""
+    def add_block_input(self, x: Tensor) -> _Stream:
+        """Register x as a block input: stored as usual (the mHC ops save it), never rebuilt.
+
+        The caller drops it (``drop``) once its layer's forward is done: the entry holds x
+        strongly for the rebuilds, so its liveness cannot tell."""
         with self.lock:
-            self._purge()
-            self.live[self._key(x)] = _Stream(x, None, None)
+            entry = _Stream(x, None, None)
+            self.live[self._key(x)] = entry
+            return entry
+
+    def drop(self, entry: _Stream) -> None:
+        """Stop finding ``entry`` by storage (tokens and child streams still hold it)."""
+        with self.lock:
+            stored = entry.stored if entry.stored is not None else entry.tensor()
+            if stored is not None and self.live.get(self._key(stored)) is entry:
+                del self.live[self._key(stored)]
 
     def add_merged(self, out: Tensor, parent: Tensor, rebuild: Callable[[Tensor], Tensor]) -> bool:
         """Register ``out = rebuild(parent)``; False when ``parent`` is in no block in flight."""
@@ -108,7 +118,9 @@ class StreamRecompute:
             parent_entry = self._lookup(parent)
             if parent_entry is None:
                 return False
-            self.live[self._key(out)] = _Stream(out, parent_entry, rebuild)
+            entry = _Stream(out, parent_entry, rebuild)
+            out._mhc_stream = entry
+            self.live[self._key(out)] = entry
             return True
 
     def pack(self, t: Tensor):

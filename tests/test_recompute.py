@@ -1,5 +1,7 @@
 """mHC recompute in blocks of L_r layers: same loss and gradients, fewer stored streams."""
 
+import gc
+
 import pytest
 import torch
 
@@ -37,6 +39,8 @@ def _run(block, backend, tokenised_bytes):
         REGISTRY.pack = original_pack
     loss.backward()
     tokenised_bytes.append(sum(sizes))
+    gc.collect()
+    assert len(REGISTRY.live) == 0  # nothing of the step is kept after its backward
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 
