@@ -94,7 +94,9 @@ class MHCLayerMixin:
         self.is_last_mhc_layer = self.layer_number == self.config.num_layers
         block = self.mhc_config.recompute_block
         if block == 0:
-            block = optimal_recompute_block(self.mhc_config.n, self.config.num_layers)
+            stage_layers = self.config.num_layers // max(
+                1, getattr(self.config, "pipeline_model_parallel_size", 1) or 1)
+            block = optimal_recompute_block(self.mhc_config.n, max(1, stage_layers))
         #: L_r: layers per mHC recompute block (None: every stream is stored).
         self.mhc_recompute_block = None if self.mhc_config.is_residual else block
         if self.mhc_config.is_residual:

@@ -2,7 +2,8 @@
 
 Megatron's own schedules run on CPU with gloo; stages exchange [s, b, n*C] tensors through
 Megatron's variable_seq_lengths mode (each tensor's shape is sent first). Cases: 1F1B over two
-stages, interleaved (two virtual stages each), and an uneven split (1 + 3 layers).
+stages, interleaved (two virtual stages each), an uneven split (1 + 3 layers), and 1F1B with the
+mHC recompute in blocks of one layer.
 """
 
 import pytest
@@ -20,10 +21,14 @@ def pp1(tmp_path_factory):
     return torch.load(path)
 
 
-@pytest.mark.parametrize("pp, vpp, first_stage_layers", [(2, None, None), (2, 2, None), (2, None, 1)])
-def test_pipeline_matches_pp1(tmp_path, pp1, pp, vpp, first_stage_layers):
+@pytest.mark.parametrize(
+    "pp, vpp, first_stage_layers, recompute_block",
+    [(2, None, None, None), (2, 2, None, None), (2, None, 1, None), (2, None, None, 1)],
+)
+def test_pipeline_matches_pp1(tmp_path, pp1, pp, vpp, first_stage_layers, recompute_block):
     path = tmp_path / "pp.pt"
-    spawn(pipeline_losses_and_grads, pp, str(path), vpp, MHC, first_stage_layers)
+    mhc = dict(MHC, recompute_block=recompute_block)
+    spawn(pipeline_losses_and_grads, pp, str(path), vpp, mhc, first_stage_layers)
     result = torch.load(path)
     assert len(result["losses"]) == len(pp1["losses"]) == 4
     torch.testing.assert_close(torch.stack(result["losses"]), torch.stack(pp1["losses"]),
