@@ -197,9 +197,8 @@ class _EntryFunction(torch.autograd.Function):
                 dbias.to(bias_dtype), None, None, None)
 
 
-def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
-    """Triton ``compute_mappings`` (see ``megatron_mhc.ops.reference.compute_mappings``)."""
-    _check(x, "compute_mappings")
+def _check_mapping_args(x, phi, variant: str, name: str) -> None:
+    _check(x, name)
     if variant not in ("mhc", "hc"):
         raise ValueError(f"mappings are defined for variant 'mhc' or 'hc', got {variant!r}")
     n = x.shape[-2]
@@ -207,6 +206,11 @@ def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=
         raise ValueError(
             f"phi must be [n*C, n*n+2n] = {[n * x.shape[-1], n * n + 2 * n]}, got {list(phi.shape)}"
         )
+
+
+def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
+    """Triton ``compute_mappings`` (see ``megatron_mhc.ops.reference.compute_mappings``)."""
+    _check_mapping_args(x, phi, variant, "compute_mappings")
     return _MappingsFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),
                                    float(eps))
 
@@ -214,14 +218,7 @@ def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=
 def enter(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
     """Triton fused ``(pre_apply(x, H_pre), H_post, H_res)`` of one sublayer (see
     ``megatron_mhc.ops.reference.enter``)."""
-    _check(x, "enter")
-    if variant not in ("mhc", "hc"):
-        raise ValueError(f"mappings are defined for variant 'mhc' or 'hc', got {variant!r}")
-    n = x.shape[-2]
-    if phi.shape != (n * x.shape[-1], n * n + 2 * n):
-        raise ValueError(
-            f"phi must be [n*C, n*n+2n] = {[n * x.shape[-1], n * n + 2 * n]}, got {list(phi.shape)}"
-        )
+    _check_mapping_args(x, phi, variant, "enter")
     return _EntryFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),
                                 float(eps))
 

@@ -85,16 +85,6 @@ class HyperConnection(MegatronModule):
         self.alpha.fill_(self.mhc_config.gate_init)
         self.bias.copy_(static_bias_init(self.mhc_config))
 
-    def mappings(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(H_pre, H_post, H_res)`` per token of the streams ``x [..., n, C]``."""
-        cfg = self.mhc_config
-        h_pre, h_post, h_res = self.ops.compute_mappings(
-            x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps
-        )
-        if self.recorded_h_res is not None:
-            self.recorded_h_res.append(h_res.detach())
-        return h_pre, h_post, h_res
-
     def enter(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(sublayer input sum_i H_pre[i] x[i], H_post, H_res)`` in one fused op."""
         cfg = self.mhc_config
@@ -104,10 +94,6 @@ class HyperConnection(MegatronModule):
         if self.recorded_h_res is not None:
             self.recorded_h_res.append(h_res.detach())
         return agg, h_post, h_res
-
-    def aggregate(self, x: Tensor, h_pre: Tensor) -> Tensor:
-        """The sublayer input ``sum_i H_pre[i] x[i]`` (``[..., C]``)."""
-        return self.ops.pre_apply(x, h_pre)
 
     def merge(self, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         """The next residual state ``H_res x + H_post^T y`` (``[..., n, C]``)."""
