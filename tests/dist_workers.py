@@ -114,17 +114,24 @@ def checkpoint_save_or_load(rank, world_size, port, mode, ckpt_dir, out_path, mh
         destroy_cpu_distributed()
 
 
-def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs, first_stage_layers=None):
-    """Two training-schedule steps of a 4-layer mHC GPT at PP = world_size (VPP = ``vpp``) through
-    Megatron's own schedules; saves the losses and every mHC gradient keyed by global layer."""
+def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
+                               first_stage_layers=None, tp=1):
+    """One training step (4 micro-batches) of a 4-layer mHC GPT at PP = world_size / tp
+    (VPP = ``vpp``; TP = ``tp`` with sequence parallelism) through Megatron's own schedules;
+    saves the losses and every mHC gradient keyed by global layer."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed.finalize_model_grads import (
+        _allreduce_non_tensor_model_parallel_grads,
+    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_mhc import MHCConfig
     from megatron_mhc.layer import MHCLayerMixin
     from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
 
-    init_cpu_distributed(rank, world_size, port, pipeline_model_parallel_size=world_size,
-                         virtual_pipeline_model_parallel_size=vpp)
+    pp = world_size // tp
+    init_cpu_distributed(rank, world_size, port, tensor_model_parallel_size=tp,
+                         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
     try:
         torch.manual_seed(1234)
         # batch_p2p_comm=False: gloo's batched isend/irecv raced in the interleaved schedule on
@@ -132,11 +139,12 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
         extra = dict(batch_p2p_comm=False)
         if first_stage_layers is not None:  # uneven split
             extra["num_layers_in_first_pipeline_stage"] = first_stage_layers
-        settings = TinyGPTSettings(num_layers=4, pipeline_model_parallel_size=world_size,
-                                   virtual_pipeline_model_parallel_size=vpp, extra_config=extra)
+        settings = TinyGPTSettings(num_layers=4, pipeline_model_parallel_size=pp,
+                                   virtual_pipeline_model_parallel_size=vpp, extra_config=extra,
+                                   tensor_model_parallel_size=tp, sequence_parallel=tp > 1)
         # Every rank builds every chunk of every stage in the same order, so all parameters get
         # the same initial values as at PP=1; each rank keeps its own chunks.
-        chunks = _build_pipeline_chunks(settings, MHCConfig(**mhc_kwargs), world_size, vpp,
+        chunks = _build_pipeline_chunks(settings, MHCConfig(**mhc_kwargs), pp, vpp,
                                         build_tiny_gpt)
         micro_batches = [fixed_tokens(batch=2, seed=200 + i) for i in range(4)]
 
@@ -159,6 +167,9 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
             num_microbatches=len(micro_batches), seq_length=32, micro_batch_size=2,
             forward_only=False,
         )
+        for chunk in chunks:  # Megatron's TP reduction of sequence-parallel parameters
+            chunk.ddp_config = SimpleNamespace(use_megatron_fsdp=False)
+        _allreduce_non_tensor_model_parallel_grads(chunks, chunks[0].config)
         grads = {}
         for chunk in chunks:
             for layer in chunk.decoder.layers:
@@ -171,8 +182,10 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
                     for pname, p in hc.named_parameters():
                         grads[f"{layer.layer_number}.{which}.{pname}"] = p.grad.detach().clone()
         gathered = [None] * world_size
+        first_tp_rank = parallel_state.get_tensor_model_parallel_rank() == 0
         torch.distributed.all_gather_object(gathered, {
-            "losses": [d["loss"] for d in losses] if losses else [], "grads": grads})
+            "losses": [d["loss"] for d in losses] if losses and first_tp_rank else [],
+            "grads": grads})
         if rank == 0:
             merged = {"losses": [], "grads": {}}
             for part in gathered:

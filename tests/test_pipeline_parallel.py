@@ -39,6 +39,16 @@ def test_pipeline_matches_pp1(tmp_path, pp1, pp, vpp, first_stage_layers, recomp
         torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_pipeline_with_tensor_and_sequence_parallelism_matches_pp1(tmp_path, pp1):
+    path = tmp_path / "tp2pp2.pt"
+    spawn(pipeline_losses_and_grads, 4, str(path), None, MHC, None, 2)  # TP=2 (SP) x PP=2
+    result = torch.load(path)
+    torch.testing.assert_close(torch.stack(result["losses"]), torch.stack(pp1["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    for name, grad in pp1["grads"].items():
+        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_pipeline_without_variable_seq_lengths_is_refused():
     from types import SimpleNamespace
 
