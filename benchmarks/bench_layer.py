@@ -11,41 +11,25 @@ The mHC block includes the stream expansion (first layer) and merge (last layer)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _specs import bf16_config, sdpa_gpt_layer_spec  # noqa: E402
+
 
 def build_block(args, variant: str, backend: str, recompute_block=None):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlock
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_mhc import MHCConfig
-    from megatron_mhc.specs import with_mhc
-    from megatron_mhc.testing.sdpa_attention import SDPACoreAttention
 
-    config = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        ffn_hidden_size=4 * args.hidden, normalization="RMSNorm", bf16=True,
-        params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, hidden_dropout=0.0,
-        attention_dropout=0.0, add_bias_linear=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False,
-    )
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    attention = dataclasses.replace(
-        spec.submodules.self_attention,
-        submodules=dataclasses.replace(spec.submodules.self_attention.submodules,
-                                       core_attention=SDPACoreAttention))
-    spec = dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
-    if variant != "plain":
-        spec = with_mhc(spec, MHCConfig(expansion_rate=args.n, kernel_backend=backend,
-                                        recompute_block=recompute_block))
-    return TransformerBlock(config, spec).cuda()
+    config = bf16_config(num_layers=args.layers, hidden_size=args.hidden,
+                         num_attention_heads=args.heads, ffn_hidden_size=4 * args.hidden)
+    mhc = None if variant == "plain" else MHCConfig(
+        expansion_rate=args.n, kernel_backend=backend, recompute_block=recompute_block)
+    return TransformerBlock(config, sdpa_gpt_layer_spec(mhc)).cuda()
 
 
 def make_step(args, variant: str, backend: str, recompute_block=None):

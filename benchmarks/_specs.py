@@ -1,0 +1,39 @@
+"""Layer specs shared by the GPU benchmarks: Megatron's local GPT spec with SDPA attention."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def sdpa_gpt_layer_spec(mhc_config=None):
+    """Megatron's local GPT layer spec (RMSNorm) with PyTorch SDPA as core attention, optionally
+    turned into the mHC spec."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_mhc.specs import with_mhc
+    from megatron_mhc.testing.sdpa_attention import SDPACoreAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = dataclasses.replace(
+        spec.submodules.self_attention,
+        submodules=dataclasses.replace(spec.submodules.self_attention.submodules,
+                                       core_attention=SDPACoreAttention))
+    spec = dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+    return with_mhc(spec, mhc_config) if mhc_config is not None else spec
+
+
+def bf16_config(**kwargs):
+    """A bf16 ``TransformerConfig`` without the CUDA-extension fusions (no TE / Apex needed)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    base = dict(
+        normalization="RMSNorm", bf16=True, params_dtype=torch.bfloat16,
+        pipeline_dtype=torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0,
+        add_bias_linear=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+    )
+    base.update(kwargs)
+    return TransformerConfig(**base)

@@ -1,0 +1,155 @@
+"""Pipeline-parallel step time of a small GPT: plain residual vs mHC, and memory with recompute.
+
+    python3 benchmarks/bench_pipeline.py --pp 2      # two GPUs (device kind nvidia-h200-x2)
+    python3 benchmarks/bench_pipeline.py --pp 1      # one GPU: the PP=1 overhead and peak memory
+
+A GPTModel (local spec, RMSNorm, SDPA attention, bf16; default 8 layers, C=2048, seq 4096,
+micro-batch 1, 8 micro-batches) trained through Megatron-Core's own schedules. mHC stages exchange
+[s, b, n*C] through Megatron's variable_seq_lengths mode, so the plain model is timed both with
+and without it. Step time is the median of timed iterations (CUDA events on rank 0, after a
+barrier); peak memory is each rank's max allocation during a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _specs import bf16_config, sdpa_gpt_layer_spec  # noqa: E402
+
+VOCAB = 32768
+
+
+def build_stage(args, mhc_config, variable_seq_lengths: bool):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    config = bf16_config(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        ffn_hidden_size=4 * args.hidden, pipeline_model_parallel_size=args.pp,
+        variable_seq_lengths=variable_seq_lengths, moe_token_dispatcher_type="alltoall",
+    )
+    return GPTModel(
+        config=config, transformer_layer_spec=sdpa_gpt_layer_spec(mhc_config),
+        vocab_size=VOCAB, max_sequence_length=args.seq, position_embedding_type="rope",
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    ).cuda()
+
+
+def run_variant(args, name, mhc_config, variable_seq_lengths):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    torch.manual_seed(0)
+    model = build_stage(args, mhc_config, variable_seq_lengths)
+    optimizer_free_params = list(model.parameters())
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tokens = [torch.randint(0, VOCAB, (args.micro_batch, args.seq + 1), device="cuda",
+                            generator=gen) for _ in range(args.microbatches)]
+    s = args.seq
+    position_ids = torch.arange(s, device="cuda").unsqueeze(0).expand(args.micro_batch, s)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch[:, :-1], position_ids, None, labels=batch[:, 1:])
+
+        def loss_func(output_tensor):
+            loss = output_tensor.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    schedule = get_forward_backward_func()
+
+    def step():
+        schedule(forward_step_func=forward_step, data_iterator=iter(tokens), model=model,
+                 num_microbatches=args.microbatches, seq_length=s,
+                 micro_batch_size=args.micro_batch, forward_only=False)
+        for p in optimizer_free_params:
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    times = []
+    for _ in range(args.iters):
+        torch.distributed.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del model
+    torch.cuda.empty_cache()
+    peaks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(peaks, peak)
+    return name, sorted(times)[len(times) // 2], peaks
+
+
+def worker(rank, args):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_mhc import MHCConfig
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29561")
+    torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl", rank=rank, world_size=args.pp)
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=args.pp)
+    model_parallel_cuda_manual_seed(0)
+    n = args.n
+    variants = [("plain residual", None, False)]
+    if args.pp > 1:
+        variants.append(("plain residual, variable_seq_lengths", None, True))
+    variants.append((f"mHC n={n}, triton", MHCConfig(expansion_rate=n, kernel_backend="triton"),
+                     args.pp > 1))
+    variants.append((f"mHC n={n}, triton, recompute L_r=auto",
+                     MHCConfig(expansion_rate=n, kernel_backend="triton", recompute_block=0),
+                     args.pp > 1))
+    results = [run_variant(args, *v) for v in variants]
+    if rank == 0:
+        base_ms, base_peaks = results[0][1], results[0][2]
+        print(f"device: {torch.cuda.get_device_name()} x{args.pp} | PP={args.pp}, {args.layers} "
+              f"layers, C={args.hidden}, seq {args.seq}, micro-batch {args.micro_batch}, "
+              f"{args.microbatches} micro-batches, bf16 | median of {args.iters} steps")
+        print("| variant | step (ms) | overhead vs plain | peak memory per rank (GiB) "
+              "| memory vs plain (max rank) |")
+        print("|---|---|---|---|---|")
+        for name, ms, peaks in results:
+            mem = ", ".join(f"{p / 2**30:.2f}" for p in peaks)
+            print(f"| {name} | {ms:.1f} | {100 * (ms / base_ms - 1):+.1f}% | {mem} | "
+                  f"{max(peaks) / max(base_peaks):.2f}x |")
+    torch.distributed.destroy_process_group()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--n", type=int, default=4)
+    args = parser.parse_args(argv)
+    if torch.cuda.device_count() < args.pp:
+        sys.exit(f"bench_pipeline.py --pp {args.pp} needs {args.pp} GPUs, "
+                 f"{torch.cuda.device_count()} visible")
+    mp.start_processes(worker, args=(args,), nprocs=args.pp, start_method="spawn")
+
+
+if __name__ == "__main__":
+    main()
