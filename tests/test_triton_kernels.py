@@ -61,50 +61,39 @@ def _randn(*shape, seed, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype, tol", DTYPES)
-@pytest.mark.parametrize("n, c", [(2, 40), (3, 24), (4, 48), (8, 20)])
-@pytest.mark.parametrize("variant", ["mhc", "hc"])
-def test_compute_mappings(dtype, tol, n, c, variant):
-    t = 37
+def _check_mapping_op(op_name, dtype, tol, n, c, variant, t):
+    """``compute_mappings`` or the fused ``enter`` against the reference, fwd and bwd."""
     m = n * n + 2 * n
     seed = n * 1000 + c
     x = _randn(t, n, c, seed=seed, dtype=dtype)
     phi = _randn(n * c, m, seed=seed + 1, dtype=dtype, scale=0.2)
     alpha = (torch.rand(3, generator=torch.Generator().manual_seed(seed)) + 0.5).to(DEVICE)
     bias = _randn(m, seed=seed + 2)
-    ops = _ops()
+    fast_op, ref_op = getattr(_ops(), op_name), getattr(reference, op_name)
+    first_shape = (t, n) if op_name == "compute_mappings" else (t, c)
+    _check_op(
+        f"{op_name}-{variant}-{n}-{c}",
+        lambda *a: fast_op(*a, variant, 20, 1e-6),
+        lambda *a: ref_op(*a, variant, 20, 1e-6),
+        [x, phi, alpha, bias],
+        [first_shape, (t, n), (t, n, n)],
+        tol,
+    )
 
-    def fast(x, phi, alpha, bias):
-        return ops.compute_mappings(x, phi, alpha, bias, variant, 20, 1e-6)
 
-    def ref(x, phi, alpha, bias):
-        return reference.compute_mappings(x, phi, alpha, bias, variant, 20, 1e-6)
-
-    _check_op(f"mappings-{variant}-{n}-{c}", fast, ref, [x, phi, alpha, bias],
-              [(t, n), (t, n), (t, n, n)], tol)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("n, c", [(2, 40), (3, 24), (4, 48), (8, 20)])
+@pytest.mark.parametrize("variant", ["mhc", "hc"])
+def test_compute_mappings(dtype, tol, n, c, variant):
+    _check_mapping_op("compute_mappings", dtype, tol, n, c, variant, t=37)
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("n, c", [(2, 40), (3, 24), (4, 48), (2, 256)])
 @pytest.mark.parametrize("variant", ["mhc", "hc"])
 def test_fused_entry(dtype, tol, n, c, variant):
-    t = 21
-    m = n * n + 2 * n
-    seed = n * 100 + c
-    x = _randn(t, n, c, seed=seed, dtype=dtype)
-    phi = _randn(n * c, m, seed=seed + 1, dtype=dtype, scale=0.2)
-    alpha = (torch.rand(3, generator=torch.Generator().manual_seed(seed)) + 0.5).to(DEVICE)
-    bias = _randn(m, seed=seed + 2)
-    ops = _ops()
-
-    def fast(x, phi, alpha, bias):
-        return ops.enter(x, phi, alpha, bias, variant, 20, 1e-6)
-
-    def ref(x, phi, alpha, bias):
-        return reference.enter(x, phi, alpha, bias, variant, 20, 1e-6)
-
-    _check_op(f"enter-{variant}-{n}-{c}", fast, ref, [x, phi, alpha, bias],
-              [(t, c), (t, n), (t, n, n)], tol)
+    # (2, 256): the dx pass's one-stream-per-block path (C a multiple of the K-block).
+    _check_mapping_op("enter", dtype, tol, n, c, variant, t=21)
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
