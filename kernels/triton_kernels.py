@@ -93,7 +93,8 @@ def mappings_fwd_kernel(
 @triton.jit
 def _load_logits(proj_ptr, rinv, alpha_ptr, bias_ptr, rows, row_ok,
                  N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr, VARIANT_MHC: tl.constexpr):
-    """Per-token pre/post [BT, NP] and res [BT, NP, NP] pre-activations, and the dynamic terms."""
+    """Per-token pre/post [BT, NP] and res [BT, NP, NP] pre-activations, and the dynamic terms
+    (alpha and bias are read in their own dtype and computed with in float32)."""
     ii = tl.arange(0, NP)
     i_ok = ii < N
     m2 = row_ok[:, None] & i_ok[None, :]
@@ -104,12 +105,13 @@ def _load_logits(proj_ptr, rinv, alpha_ptr, bias_ptr, rows, row_ok,
                        other=0.0) * rinv[:, None]
     dyn_res = tl.load(proj_ptr + rows[:, None, None] * M + res_off[None, :, :], mask=m3,
                       other=0.0) * rinv[:, None, None]
-    a_pre = tl.load(alpha_ptr + 0)
-    a_post = tl.load(alpha_ptr + 1)
-    a_res = tl.load(alpha_ptr + 2)
-    b_pre = tl.load(bias_ptr + ii, mask=i_ok, other=0.0)
-    b_post = tl.load(bias_ptr + N + ii, mask=i_ok, other=0.0)
-    b_res = tl.load(bias_ptr + res_off, mask=i_ok[:, None] & i_ok[None, :], other=0.0)
+    a_pre = tl.load(alpha_ptr + 0).to(tl.float32)
+    a_post = tl.load(alpha_ptr + 1).to(tl.float32)
+    a_res = tl.load(alpha_ptr + 2).to(tl.float32)
+    b_pre = tl.load(bias_ptr + ii, mask=i_ok, other=0.0).to(tl.float32)
+    b_post = tl.load(bias_ptr + N + ii, mask=i_ok, other=0.0).to(tl.float32)
+    b_res = tl.load(bias_ptr + res_off, mask=i_ok[:, None] & i_ok[None, :],
+                    other=0.0).to(tl.float32)
     if VARIANT_MHC:
         z_pre = a_pre * dyn_pre + b_pre[None, :]
         z_post = a_post * dyn_post + b_post[None, :]
@@ -169,8 +171,8 @@ def _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_pt
 def mappings_bwd_kernel(
     proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
     dh_pre_ptr, dh_post_ptr, dh_res_ptr,
-    dproj_ptr, drinv_ptr, dalpha_ptr, dbias_ptr, lse_scratch_ptr,
-    T,
+    dproj_ptr, coef_ptr, dalpha_ptr, dbias_ptr, lse_scratch_ptr,
+    T, K,
     N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
     VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
 ):
@@ -185,9 +187,9 @@ def mappings_bwd_kernel(
     dh_pre = tl.load(dh_pre_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
     dh_post = tl.load(dh_post_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
     dh_res = tl.load(dh_res_ptr + res_idx, mask=m3, other=0.0)
-    a_pre = tl.load(alpha_ptr + 0)
-    a_post = tl.load(alpha_ptr + 1)
-    a_res = tl.load(alpha_ptr + 2)
+    a_pre = tl.load(alpha_ptr + 0).to(tl.float32)
+    a_post = tl.load(alpha_ptr + 1).to(tl.float32)
+    a_res = tl.load(alpha_ptr + 2).to(tl.float32)
     if VARIANT_MHC:
         s_pre = tl.sigmoid(z_pre)
         s_post = tl.sigmoid(z_post)
@@ -251,7 +253,8 @@ def mappings_bwd_kernel(
     # Per token: drinv = sum_m g_m * proj_m, and proj_m = dyn_m / rinv (rinv > 0 always).
     d_rinv = (tl.sum(g_pre * dyn_pre, axis=1) + tl.sum(g_post * dyn_post, axis=1)
               + tl.sum(tl.sum(g_res * dyn_res, axis=2), axis=1)) / rinv
-    tl.store(drinv_ptr + rows, d_rinv, mask=row_ok)
+    # rinv = (sum(x^2)/K + eps)^(-1/2): d rinv / dx = -rinv^3 x / K, so dx gets coef * x.
+    tl.store(coef_ptr + rows, -d_rinv * rinv * rinv * rinv / K, mask=row_ok)
     res_off = 2 * N + ii[:, None] * N + ii[None, :]
     tl.store(dproj_ptr + rows[:, None] * M + ii[None, :], dproj_pre, mask=m2)
     tl.store(dproj_ptr + rows[:, None] * M + N + ii[None, :], dproj_post, mask=m2)
