@@ -89,6 +89,14 @@ def run_variant(args, name, mhc_config, variable_seq_lengths):
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    if args.profile and torch.distributed.get_rank() == 0:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"=== profile of one step: {name}")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18,
+                                        max_name_column_width=70))
     del model
     torch.cuda.empty_cache()
     peaks = [None] * torch.distributed.get_world_size()
@@ -144,6 +152,8 @@ def main(argv=None):
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print a torch.profiler table of one step per variant")
     args = parser.parse_args(argv)
     if torch.cuda.device_count() < args.pp:
         sys.exit(f"bench_pipeline.py --pp {args.pp} needs {args.pp} GPUs, "
