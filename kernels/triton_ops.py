@@ -32,17 +32,6 @@ def _check(x: torch.Tensor, name: str) -> None:
                         f"(use float32, bfloat16 or float16, or --mhc-kernel-backend torch)")
 
 
-def _tokens(x: torch.Tensor, trailing: int) -> int:
-    return x.numel() // max(1, _prod(x.shape[-trailing:]))
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Mappings (norm + projection + gates + Sinkhorn)
 # ---------------------------------------------------------------------------------------------

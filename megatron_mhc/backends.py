@@ -75,7 +75,8 @@ def backend_report() -> Dict[str, Availability]:
     }
 
 
-#: Preference order of ``auto`` (fastest first, from benchmarks/RESULTS_kernels.md).
+#: Preference order of ``auto``: Triton first, since it serves every dtype and hidden size and
+#: measured within a point of ``tilelang`` at the layer level (benchmarks/RESULTS.md).
 AUTO_ORDER = ("triton", "tilelang", "torch")
 
 

@@ -16,6 +16,7 @@ between layers the hidden states are ``[s, b, n*C]``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Tuple
 
 import torch
@@ -169,19 +170,17 @@ class MHCLayerMixin:
     def _sublayer(self, hc: HyperConnection, x: Tensor, recompute: bool, run_sublayer):
         """``H_res x + H_post^T F(H_pre x)`` for one sublayer; with recompute, the stream x is
         saved as a token and its successor registered to be rebuilt in the backward."""
-        if not recompute:
-            aggregate, h_post, h_res = hc.enter(x)
-            y, context = run_sublayer(aggregate)
-            return hc.merge(x, y, h_post, h_res), context
-        with saved_stream_hooks():
+        mhc_ops_context = saved_stream_hooks if recompute else contextlib.nullcontext
+        with mhc_ops_context():
             aggregate, h_post, h_res = hc.enter(x)
         y, context = run_sublayer(aggregate)
-        with saved_stream_hooks():
+        with mhc_ops_context():
             out = hc.merge(x, y, h_post, h_res)
-        y_saved, hp_saved, hr_saved = y.detach(), h_post.detach(), h_res.detach()
-        REGISTRY.add_merged(
-            out, x, lambda parent: hc.merge(parent, y_saved, hp_saved, hr_saved)
-        )
+        if recompute:
+            y_saved, hp_saved, hr_saved = y.detach(), h_post.detach(), h_res.detach()
+            REGISTRY.add_merged(
+                out, x, lambda parent: hc.merge(parent, y_saved, hp_saved, hr_saved)
+            )
         return out, context
 
 
