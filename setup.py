@@ -15,7 +15,9 @@ setup(
     packages=packages,
     # Kernel sources live in the top-level kernels/ folder; megatron_mhc/kernels is a symbolic
     # link to it, so they ship (and import, installed or not) as megatron_mhc.kernels.
-    package_data={"megatron_mhc": ["data/*.gz", "data/*.md"]},
+    package_data={
+        "megatron_mhc": ["data/*.gz", "data/*.md", "patches/*/*.patch", "patches/*/*.json"]
+    },
     install_requires=["torch>=2.6", "megatron-core==0.19.0", "numpy", "tqdm", "psutil"],
     extras_require={
         "triton": ["triton>=3.2"],

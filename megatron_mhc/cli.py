@@ -1,7 +1,11 @@
 """The ``megatron-mhc`` command.
 
-    megatron-mhc info            versions and which kernel backends can run here (and why not)
-    megatron-mhc demo [ARGS]     the residual-vs-mHC demo (see ``megatron-mhc demo --help``)
+    megatron-mhc info                                  versions and which kernel backends can run
+    megatron-mhc demo [ARGS]                           the residual-vs-mHC demo (--help for options)
+    megatron-mhc patch apply|check|revert DIR          the hook patch set for Megatron-LM core_v0.19.0
+    megatron-mhc convert plain-to-mhc|to-upstream|from-upstream SRC OUT [--overwrite ...]
+                                                       checkpoint conversions (--help for options)
+    megatron-mhc gain-report CKPT [--batch F] [--out D] H_res gain table and PNG plots
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-COMMANDS = ("info", "demo")
+COMMANDS = ("info", "demo", "patch", "convert", "gain-report")
 
 
 def info() -> int:
@@ -51,6 +55,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         demo_main(rest)
         return 0
+    if command == "patch":
+        from megatron_mhc.patching import main as patch_main
+
+        return patch_main(rest)
+    if command == "convert":
+        from megatron_mhc.checkpoint import main as convert_main
+
+        return convert_main(rest)
+    if command == "gain-report":
+        from megatron_mhc.gain_tool import main as gain_main
+
+        return gain_main(rest)
     print(f"megatron-mhc: unknown command {command!r}; allowed: {', '.join(COMMANDS)}",
           file=sys.stderr)
     return 2

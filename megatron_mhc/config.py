@@ -46,8 +46,8 @@ class MHCConfig:
             tanh on the dynamic part) or ``residual`` (the plain residual stream, n = 1).
         sinkhorn_iters: alternating row/column normalisations in the Sinkhorn-Knopp projection.
         gate_init: initial value of the three scalar gates alpha_pre, alpha_post, alpha_res.
-        init_method: ``default`` (phi ~ N(0, init_method_std)) or ``function_preserving``
-            (phi = 0: a fresh model computes exactly the plain model's function).
+        init_method: ``default`` (gates ``gate_init``) or ``function_preserving`` (gates 0: a
+            fresh model computes exactly the plain model's function; phi is random either way).
         res_init_logit: diagonal of the static H_res logits at init (off-diagonal 0); larger is
             closer to the identity. Only used by ``mhc``.
         norm_eps: epsilon of the RMS norm over the flattened n*C vector.

@@ -61,6 +61,8 @@ class HyperConnection(MegatronModule):
             self.tp_group = tp_group
         n, hidden = mhc_config.n, config.hidden_size
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        # The model's dtype (Megatron's non-distributed mixed-precision optimizer cannot
+        # checkpoint float32 parameters of a 16-bit model); the kernels compute in float32.
         dtype = config.params_dtype
         self.phi = torch.nn.Parameter(
             torch.empty(n * hidden, mhc_config.mapping_width, device=device, dtype=dtype)
@@ -73,16 +75,20 @@ class HyperConnection(MegatronModule):
             setattr(param, "sequence_parallel", bool(config.sequence_parallel))
         #: When a list, every forward appends its H_res (detached) here; see megatron_mhc.analysis.
         self.recorded_h_res: Optional[List[Tensor]] = None
+        #: Position in the model: 2 * (layer_number - 1) + (0 attention, 1 MLP); set by the layer.
+        self.sublayer_index = 0
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
         """(Re-)initialise per ``mhc_config.init_method`` (see ``static_bias_init``)."""
-        if self.mhc_config.init_method == "function_preserving":
-            self.phi.zero_()
-        else:
-            self.config.init_method(self.phi)
-        self.alpha.fill_(self.mhc_config.gate_init)
+        self.config.init_method(self.phi)
+        # function_preserving: gates 0, so H~ = bias (the plain residual) whatever phi is. phi
+        # stays random: with phi = 0 every stream would stay identical forever (the model is
+        # symmetric under permuting streams and gradient steps keep that symmetry); random phi
+        # breaks it through the gates' gradients.
+        gate = 0.0 if self.mhc_config.init_method == "function_preserving" else self.mhc_config.gate_init
+        self.alpha.fill_(gate)
         self.bias.copy_(static_bias_init(self.mhc_config))
 
     def enter(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

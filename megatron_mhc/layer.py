@@ -66,15 +66,24 @@ def check_transformer_config(config: TransformerConfig, mhc_config: MHCConfig) -
         not mhc_config.is_residual
         and getattr(config, "pipeline_model_parallel_size", 1) > 1
         and not getattr(config, "variable_seq_lengths", False)
+        and not _pipeline_shapes_hooked(config, mhc_config)
     ):
-        # Stages exchange [s, b, n*C], not Megatron's fixed [s, b, C]: Megatron's own
-        # variable_seq_lengths mode sends each tensor's shape before the tensor.
+        # Stages exchange [s, b, n*C], not Megatron's fixed [s, b, C]: either the patched
+        # schedules size them (patches/core_v0.19.0) or Megatron's own variable_seq_lengths mode
+        # sends each tensor's shape before the tensor.
         problems.append(
-            "--pipeline-model-parallel-size > 1 with mHC needs --variable-seq-lengths "
+            "--pipeline-model-parallel-size > 1 with mHC needs the megatron-mhc patch set "
+            "(megatron-mhc patch apply <Megatron-LM>) or --variable-seq-lengths "
             "(TransformerConfig.variable_seq_lengths=True): stages exchange [s, b, n*C] tensors"
         )
     if problems:
         raise ValueError("mHC layer: " + "; ".join(problems))
+
+
+def _pipeline_shapes_hooked(config: TransformerConfig, mhc_config: MHCConfig) -> bool:
+    from megatron_mhc.hooks import PIPELINE_STREAMS_ATTR, schedules_are_hooked
+
+    return getattr(config, PIPELINE_STREAMS_ATTR, None) == mhc_config.n and schedules_are_hooked()
 
 
 class MHCLayerMixin:
@@ -106,6 +115,8 @@ class MHCLayerMixin:
         else:
             self.attn_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
             self.mlp_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
+            self.attn_hc.sublayer_index = 2 * (self.layer_number - 1)
+            self.mlp_hc.sublayer_index = 2 * (self.layer_number - 1) + 1
 
     def _split_hidden_states(self, args, kwargs) -> Tuple[Tensor, tuple, dict]:
         if "hidden_states" in kwargs:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_mhc.backends import transformer_engine_availability
 from megatron_mhc.config import MHCConfig
-from megatron_mhc.layer import MHCTransformerLayer, get_bias_dropout
+from megatron_mhc.layer import MHCLayerMixin, MHCTransformerLayer, get_bias_dropout
 
 
 def with_mhc(
@@ -30,6 +30,97 @@ def with_mhc(
         submodules=submodules,
         params=params,
     )
+
+
+def _is_layer_spec(spec) -> bool:
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    return (
+        isinstance(spec, ModuleSpec)
+        and isinstance(spec.module, type)
+        and issubclass(spec.module, TransformerLayer)
+    )
+
+
+def with_mhc_any(spec: Any, mhc_config: MHCConfig) -> Any:
+    """``with_mhc`` over whatever a Megatron builder produces.
+
+    * a ``TransformerLayer`` ``ModuleSpec`` (dense or MoE MLP);
+    * a block spec (``TransformerBlockSubmodules``, or a ``ModuleSpec`` of ``TransformerBlock``):
+      every layer spec is wrapped, the final norm kept;
+    * a ``HybridStack`` spec: its transformer-layer entries (attention, MLA, DSA, MLP, MoE) are
+      wrapped; Mamba and gated-delta-net layers are not ``TransformerLayer``s and stay as they are
+      (``check_hybrid_pattern`` refuses patterns that use them).
+
+    Anything else raises a ``TypeError`` naming the module.
+    """
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+    )
+
+    if _is_layer_spec(spec):
+        return with_mhc(spec, mhc_config, layer_class=mhc_layer_class(spec.module))
+    if isinstance(spec, TransformerBlockSubmodules):
+        return dataclasses.replace(
+            spec, layer_specs=[with_mhc_any(s, mhc_config) for s in spec.layer_specs]
+        )
+    if isinstance(spec, ModuleSpec) and isinstance(spec.module, type):
+        if issubclass(spec.module, TransformerBlock):
+            return dataclasses.replace(
+                spec, submodules=with_mhc_any(spec.submodules, mhc_config)
+            )
+        hybrid_stack = _hybrid_stack_class()
+        if hybrid_stack is not None and issubclass(spec.module, hybrid_stack):
+            return dataclasses.replace(
+                spec, submodules=_with_mhc_hybrid(spec.submodules, mhc_config)
+            )
+    name = getattr(getattr(spec, "module", None), "__name__", type(spec).__name__)
+    raise TypeError(
+        f"--enable-mhc: cannot wrap a {name} spec; mHC wraps Megatron TransformerLayer specs "
+        "(GPT dense/MoE layers, transformer blocks, HybridModel attention/MLP/MoE layers)"
+    )
+
+
+#: HybridStack spec fields holding TransformerLayer specs that mHC wraps.
+HYBRID_WRAPPED_LAYERS = ("attention_layer", "dsa_layer", "mla_layer", "mlp_layer", "moe_layer")
+#: HybridStack spec fields mHC does not cover (not TransformerLayers: no attention/MLP sublayer).
+HYBRID_UNCOVERED_LAYERS = ("mamba_layer", "gdn_layer")
+
+
+def _hybrid_stack_class():
+    try:
+        from megatron.core.models.hybrid.hybrid_block import HybridStack
+    except ImportError:  # pragma: no cover - present in megatron-core 0.19
+        return None
+    return HybridStack
+
+
+def _with_mhc_hybrid(submodules, mhc_config: MHCConfig):
+    changes = {}
+    for name in HYBRID_WRAPPED_LAYERS:
+        layer_spec = getattr(submodules, name, None)
+        if _is_layer_spec(layer_spec):
+            changes[name] = with_mhc_any(layer_spec, mhc_config)
+    return dataclasses.replace(submodules, **changes)
+
+
+def mhc_layer_class(layer_class: type) -> type:
+    """The mHC version of a ``TransformerLayer`` subclass (``MHCTransformerLayer`` for the base)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    if layer_class is TransformerLayer or issubclass(layer_class, MHCTransformerLayer):
+        return MHCTransformerLayer if layer_class is TransformerLayer else layer_class
+    if layer_class not in _MHC_CLASSES:
+        _MHC_CLASSES[layer_class] = type(
+            "MHC" + layer_class.__name__,
+            (MHCLayerMixin, layer_class),
+            {"__doc__": f"{layer_class.__name__} with manifold-constrained hyper-connections."},
+        )
+    return _MHC_CLASSES[layer_class]
+
+
+_MHC_CLASSES: dict = {}
 
 
 def get_gpt_layer_with_mhc_spec(

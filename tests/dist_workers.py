@@ -114,8 +114,23 @@ def checkpoint_save_or_load(rank, world_size, port, mode, ckpt_dir, out_path, mh
         destroy_cpu_distributed()
 
 
+def exec_patched_schedules():
+    """Re-define Megatron's pipeline schedules in place from the installed ``schedules.py`` with
+    this project's patch hunks applied (the hooks the patch set adds, on the real file)."""
+    import megatron.core.pipeline_parallel.schedules as schedules
+
+    from megatron_mhc.patching import PatchSet, apply_hunks
+
+    path = "megatron/core/pipeline_parallel/schedules.py"
+    source = open(schedules.__file__).read()
+    patched = apply_hunks(source, PatchSet().hunks[path])
+    cpu_shims = {k: schedules.__dict__[k] for k in ("torch",)}  # patch_megatron_for_cpu's
+    exec(compile(patched, schedules.__file__, "exec"), schedules.__dict__)
+    schedules.__dict__.update(cpu_shims)
+
+
 def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
-                               first_stage_layers=None, tp=1):
+                               first_stage_layers=None, tp=1, schedule_hook=False):
     """One training step (4 micro-batches) of a 4-layer mHC GPT at PP = world_size / tp
     (VPP = ``vpp``; TP = ``tp`` with sequence parallelism) through Megatron's own schedules;
     saves the losses and every mHC gradient keyed by global layer."""
@@ -137,6 +152,10 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
         # batch_p2p_comm=False: gloo's batched isend/irecv raced in the interleaved schedule on
         # CPU (a stale activation for the third micro-batch, with the plain residual model too).
         extra = dict(batch_p2p_comm=False)
+        if schedule_hook:  # fixed [s, b, n*C] shapes from the patched schedules
+            exec_patched_schedules()
+            n = MHCConfig(**mhc_kwargs).n
+            extra.update(variable_seq_lengths=False, mhc_pipeline_streams=n)
         if first_stage_layers is not None:  # uneven split
             extra["num_layers_in_first_pipeline_stage"] = first_stage_layers
         settings = TinyGPTSettings(num_layers=4, pipeline_model_parallel_size=pp,

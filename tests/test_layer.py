@@ -92,3 +92,22 @@ def test_unsupported_megatron_features_are_refused(megatron_cpu):
     settings = TinyGPTSettings(extra_config=dict(mtp_num_layers=1))
     with pytest.raises(ValueError, match="--mtp-num-layers is not supported with mHC"):
         build_tiny_gpt(settings, MHCConfig(kernel_backend="torch"))
+
+
+
+def test_function_preserving_in_bf16(megatron_cpu):
+    """A bf16 model (Megatron's Float16Module casts the whole model, mHC parameters included):
+    b_pre = logit(1/n) rounds to bf16 (H_pre = 0.2495 at n = 4, the aggregate 0.998 x), which
+    the sublayer's input norm removes up to rounding."""
+    settings = TinyGPTSettings(num_layers=3)
+    plain = build_tiny_gpt(settings, plain=True)
+    mhc = build_tiny_gpt(settings, MHCConfig(init_method="function_preserving",
+                                             kernel_backend="torch"))
+    mhc.load_state_dict(plain.state_dict(), strict=False)
+    plain, mhc = plain.bfloat16(), mhc.bfloat16()
+    assert mhc.decoder.layers[0].attn_hc.bias.dtype == torch.bfloat16
+    tokens = _tokens(0)
+    with torch.no_grad():
+        expected = lm_loss(plain, tokens)
+        got = lm_loss(mhc, tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)

@@ -56,6 +56,20 @@ def test_pipeline_without_variable_seq_lengths_is_refused():
     from megatron_mhc.layer import check_transformer_config
 
     config = SimpleNamespace(pipeline_model_parallel_size=2, variable_seq_lengths=False)
-    with pytest.raises(ValueError, match="needs --variable-seq-lengths"):
+    with pytest.raises(ValueError, match="megatron-mhc patch apply"):
         check_transformer_config(config, MHCConfig())
     check_transformer_config(config, MHCConfig(variant="residual"))  # one stream: no change
+
+
+@pytest.mark.parametrize("vpp", [None, 2])
+def test_patched_schedules_fixed_shapes_match_pp1(tmp_path, pp1, vpp):
+    """The patch set's schedule hook: stages exchange fixed [s, b, n*C] tensors (no
+    variable_seq_lengths), 1F1B and interleaved, same losses and gradients as PP=1."""
+    path = tmp_path / "pp.pt"
+    spawn(pipeline_losses_and_grads, 2, str(path), vpp, MHC, None, 1, True)
+    result = torch.load(path)
+    torch.testing.assert_close(torch.stack(result["losses"]), torch.stack(pp1["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    for name, grad in pp1["grads"].items():
+        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+

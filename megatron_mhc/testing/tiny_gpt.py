@@ -63,7 +63,12 @@ def tiny_transformer_config(settings: TinyGPTSettings) -> TransformerConfig:
         init_method_std=0.02,
     )
     kwargs.update(settings.extra_config)
-    return TransformerConfig(**kwargs)
+    # Not a TransformerConfig field: the stream count the patched schedules read (hooks.py).
+    streams = kwargs.pop("mhc_pipeline_streams", None)
+    config = TransformerConfig(**kwargs)
+    if streams is not None:
+        config.mhc_pipeline_streams = streams
+    return config
 
 
 class CPURMSNorm(torch.nn.RMSNorm):

@@ -1,0 +1,241 @@
+"""The patch set CLI (apply / check / revert, refusals, all-or-nothing) and the Megatron hooks
+(flags, validation, spec wrapping, pipeline width)."""
+
+import argparse
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from megatron_mhc import hooks
+from megatron_mhc.patching import (
+    STATE_APPLIED,
+    STATE_CONFLICTING,
+    STATE_NOT_APPLIED,
+    PatchError,
+    PatchSet,
+    apply_hunks,
+)
+
+PRISTINE = {
+    "pretrain_gpt.py": "print('train')\n",
+    "megatron/core/package_info.py": "MAJOR = 0\nMINOR = 19\nPATCH = 1\n",
+    "a.py": "".join(f"line {i}\n" for i in range(30)),
+    "pkg/b.py": "import os\n\n\ndef f():\n    return 1\n",
+}
+PATCHED = {
+    "a.py": PRISTINE["a.py"].replace("line 3\n", "line 3\nhook()  # megatron-mhc\n").replace(
+        "line 20\n", "line 20 changed\n"),
+    "pkg/b.py": PRISTINE["pkg/b.py"].replace("    return 1\n", "    hook()\n    return 1\n"),
+}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_tree(root: Path, files: dict) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def patch_set(tmp_path):
+    """A synthetic patch set over a synthetic tree (same format as patches/core_v0.19.0)."""
+    directory = tmp_path / "patchset"
+    directory.mkdir()
+    diff = ""
+    for name, new in PATCHED.items():
+        diff += f"diff --git a/{name} b/{name}\n"
+        diff += "".join(difflib.unified_diff(
+            PRISTINE[name].splitlines(True), new.splitlines(True), f"a/{name}", f"b/{name}"))
+    (directory / "megatron-mhc.patch").write_text(diff)
+    (directory / "pin.json").write_text(json.dumps({"tag": "core_v0.19.0", "commit": "0" * 40,
+        "files": {n: {"pristine_sha256": _sha(PRISTINE[n]), "patched_sha256": _sha(PATCHED[n])}
+                  for n in PATCHED}}))
+    tree = tmp_path / "Megatron-LM"
+    _write_tree(tree, PRISTINE)
+    return PatchSet(directory), tree
+
+
+def test_apply_check_revert(patch_set):
+    patches, tree = patch_set
+    original = _snapshot(tree)
+    assert patches.status(tree).state == STATE_NOT_APPLIED
+    patches.apply(tree)
+    assert patches.status(tree).state == STATE_APPLIED
+    for name, text in PATCHED.items():
+        assert (tree / name).read_text() == text
+    assert "already applied" in patches.apply(tree)
+    patches.revert(tree)
+    assert _snapshot(tree) == original
+
+
+def test_foreign_tree_is_refused_and_left_untouched(patch_set):
+    patches, tree = patch_set
+    (tree / "pkg/b.py").write_text(PRISTINE["pkg/b.py"] + "# local change\n")
+    (tree / "megatron/core/package_info.py").write_text("MAJOR = 0\nMINOR = 20\nPATCH = 0\n")
+    before = _snapshot(tree)
+    assert patches.status(tree).state == STATE_CONFLICTING
+    with pytest.raises(PatchError, match=r"Megatron-Core 0\.20\.0.*pkg/b\.py \(foreign\).*core_v0\.19\.0"):
+        patches.apply(tree)
+    assert _snapshot(tree) == before
+
+
+def test_not_a_megatron_tree(patch_set, tmp_path):
+    patches, _ = patch_set
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PatchError, match="not a Megatron-LM checkout"):
+        patches.apply(empty)
+
+
+def test_failed_write_leaves_tree_byte_identical(patch_set, monkeypatch):
+    import megatron_mhc.patching as patching
+
+    patches, tree = patch_set
+    before = _snapshot(tree)
+    real_write, calls = patching._atomic_write, []
+
+    def failing_write(target, data):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_write(target, data)
+
+    monkeypatch.setattr(patching, "_atomic_write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        patches.apply(tree)
+    assert _snapshot(tree) == before
+
+
+def test_partially_patched_tree_is_conflicting(patch_set):
+    patches, tree = patch_set
+    (tree / "a.py").write_text(PATCHED["a.py"])
+    status = patches.status(tree)
+    assert status.state == STATE_CONFLICTING
+    with pytest.raises(PatchError):
+        patches.revert(tree)
+
+
+def test_real_patch_set_matches_the_installed_megatron_core():
+    """The shipped patch set applies exactly to megatron-core 0.19.0's schedules.py (the one
+    target file the PyPI package has) and reverts to it."""
+    import megatron.core.pipeline_parallel.schedules as schedules
+
+    patches = PatchSet()
+    assert patches.pin["tag"] == "core_v0.19.0"
+    path = "megatron/core/pipeline_parallel/schedules.py"
+    source = Path(schedules.__file__).read_text()
+    assert _sha(source) == patches.pin["files"][path]["pristine_sha256"]
+    patched = apply_hunks(source, patches.hunks[path])
+    assert _sha(patched) == patches.pin["files"][path]["patched_sha256"]
+    assert apply_hunks(patched, patches.hunks[path], reverse=True) == source
+    # Only hook lines: every added line is marked.
+    added = [t for hunks in patches.hunks.values() for h in hunks for m, t in h.lines if m == "+"]
+    assert all("megatron-mhc" in t or "_mhc_pipeline_hidden_size" in t or "mhc_hooks" in t
+               or not t.strip() for t in added), added
+
+
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
+                    reason="set MEGATRON_LM_DIR to a core_v0.19.0 checkout to run")
+def test_real_patch_set_on_a_checkout(tmp_path):
+    import shutil
+
+    tree = tmp_path / "Megatron-LM"
+    src = Path(os.environ["MEGATRON_LM_DIR"])
+    patches = PatchSet()
+    for name in list(patches.pin["files"]) + ["pretrain_gpt.py", "megatron/core/package_info.py"]:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / name, tree / name)
+    if patches.status(tree).state == STATE_APPLIED:
+        patches.revert(tree)
+    before = _snapshot(tree)
+    patches.apply(tree)
+    assert patches.status(tree).state == STATE_APPLIED
+    patches.revert(tree)
+    assert _snapshot(tree) == before
+
+
+def test_patch_cli_exit_codes(patch_set, tmp_path, capsys):
+    from megatron_mhc.cli import main
+
+    assert main(["patch", "bogus", str(tmp_path)]) == 2
+    assert main(["patch", "check", str(tmp_path / "missing")]) == 2
+    assert main(["patch", "check", str(tmp_path)]) == 2  # conflicting: no target files
+    assert "missing" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- hooks
+
+
+def _parse(argv):
+    parser = hooks.add_mhc_args(argparse.ArgumentParser())
+    parser.add_argument("--cuda-graph-impl", default="none")
+    parser.add_argument("--mtp-num-layers", type=int, default=None)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def test_flags_build_the_config():
+    args = _parse(["--enable-mhc", "--mhc-expansion-rate", "2", "--mhc-recompute-block", "auto",
+                   "--mhc-variant", "hc", "--mhc-sinkhorn-iters", "7"])
+    hooks.validate_mhc_args(args)
+    config = hooks.mhc_config_from_args(args)
+    assert (config.n, config.recompute_block, config.variant, config.sinkhorn_iters) == (2, 0, "hc", 7)
+    assert hooks.mhc_config_from_args(_parse([])) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mhc-expansion-rate", "4"], "--mhc-expansion-rate given without --enable-mhc"),
+    (["--enable-mhc", "--mhc-expansion-rate", "1"], "--mhc-expansion-rate.*2..16"),
+    (["--enable-mhc", "--mhc-gate-init", "-1"], "--mhc-gate-init"),
+    (["--enable-mhc", "--cuda-graph-impl", "local"], "--cuda-graph-impl"),
+    (["--enable-mhc", "--mtp-num-layers", "1"], "--mtp-num-layers"),
+    (["--enable-mhc", "--mhc-log-interval", "-3"], "--mhc-log-interval"),
+])
+def test_bad_flags_name_the_flag(argv, message):
+    with pytest.raises(ValueError, match=message):
+        hooks.validate_mhc_args(_parse(argv))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mhc-recompute-block", "0"], "--mhc-recompute-block.*'auto' or a positive integer"),
+    (["--mhc-variant", "xl"], "--mhc-variant.*invalid choice"),
+    (["--mhc-kernel-backend", "cuda"], "--mhc-kernel-backend.*invalid choice"),
+])
+def test_argparse_errors_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _parse(argv)
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_apply_mhc_to_spec_wraps_layers_and_blocks():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_mhc.layer import MHCLayerMixin
+
+    args = _parse(["--enable-mhc", "--mhc-expansion-rate", "3"])
+    config = argparse.Namespace(hidden_size=16)
+    layer = get_gpt_layer_local_spec()
+    wrapped = hooks.apply_mhc_to_spec(layer, args, config)
+    assert issubclass(wrapped.module, MHCLayerMixin) and wrapped.params["mhc_config"].n == 3
+    assert hooks.pipeline_hidden_size(config) == 48
+    block = TransformerBlockSubmodules(layer_specs=[layer, layer], layer_norm=None)
+    wrapped_block = hooks.apply_mhc_to_spec(block, args, config)
+    assert all(issubclass(s.module, MHCLayerMixin) for s in wrapped_block.layer_specs)
+    # Without --enable-mhc nothing changes.
+    assert hooks.apply_mhc_to_spec(layer, _parse([]), argparse.Namespace(hidden_size=16)) is layer
+    with pytest.raises(TypeError, match="cannot wrap"):
+        hooks.apply_mhc_to_spec(layer.submodules.self_attention, args, config)

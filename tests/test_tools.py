@@ -1,0 +1,202 @@
+"""The checkpoint tools: plain -> mHC conversion (function-preserving), ours <-> upstream layout,
+and the H_res gain report (against a hand-built example)."""
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_mhc import MHCConfig
+from megatron_mhc.analysis import gain_report
+from megatron_mhc.checkpoint import (
+    ConversionError,
+    convert,
+    read_model_checkpoint,
+)
+
+SETTINGS = dict(num_layers=2, hidden_size=32, num_attention_heads=4)
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _tokens():
+    return torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(3))
+
+
+def _save_plain_megatron_checkpoint(root: Path):
+    """A checkpoint laid out like Megatron's save_checkpoint (torch_dist): tracker file,
+    iter_0000007/, model + optimizer tensors, an RNG ShardedObject and the args."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+
+    torch.manual_seed(11)
+    model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), plain=True)
+    with torch.no_grad():
+        loss = lm_loss(model, _tokens())
+    args = argparse.Namespace(hidden_size=32, num_layers=2, init_method_std=0.02, seed=1234)
+    state = {
+        "model": model.sharded_state_dict(),
+        "optimizer": {"exp_avg": ShardedTensor.from_rank_offsets(
+            "optimizer.state.exp_avg.embedding", torch.ones(3), replica_id=0)},
+        "rng_state": ShardedObject("rng_state", [1, 2], (1, 1), (0, 0), replica_id=0),
+        "args": args,
+        "iteration": 7,
+        "checkpoint_version": 3.0,
+    }
+    iter_dir = root / "iter_0000007"
+    iter_dir.mkdir(parents=True)
+    dist_checkpointing.save(state, str(iter_dir))
+    (root / "latest_checkpointed_iteration.txt").write_text("7")
+    return loss
+
+
+def _load_mhc_loss(checkpoint_root: Path, mhc_config: MHCConfig):
+    from megatron.core import dist_checkpointing
+
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+
+    torch.manual_seed(99)  # a different init: everything must come from the checkpoint
+    model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), mhc_config)
+    iter_dir = checkpoint_root / "iter_0000007"
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not [k for k in missing if not k.endswith("_extra_state")], missing
+    with torch.no_grad():
+        return lm_loss(model, _tokens()), model
+
+
+@pytest.mark.parametrize("variant", ["mhc", "hc"])
+def test_plain_to_mhc_is_function_preserving(megatron_cpu, tmp_path, variant):
+    src, out = tmp_path / "plain", tmp_path / "mhc"
+    plain_loss = _save_plain_megatron_checkpoint(src)
+    before = _tree_digest(src)
+    mhc = MHCConfig(expansion_rate=4, variant=variant, kernel_backend="torch")
+    convert("plain-to-mhc", src, out, mhc_config=mhc)
+    assert _tree_digest(src) == before  # the input is never modified
+    loss, model = _load_mhc_loss(out, mhc)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-3, atol=0)
+    # phi is random (breaks the stream symmetry), the gates are 0.
+    hc = model.decoder.layers[0].attn_hc
+    assert hc.phi.abs().max() > 0 and torch.all(hc.alpha == 0)
+    converted = read_model_checkpoint(out)
+    assert not any(k.startswith(("optimizer", "rng_state")) for k in converted.tensors)
+    assert converted.iteration == "7" and converted.args.enable_mhc
+    assert converted.args.mhc_variant == variant
+
+
+def test_convert_refusals(megatron_cpu, tmp_path):
+    src, out = tmp_path / "plain", tmp_path / "mhc"
+    _save_plain_megatron_checkpoint(src)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="--overwrite"):
+        convert("plain-to-mhc", src, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConversionError, match="overlaps the input"):
+        convert("plain-to-mhc", src, src / "inside")
+    with pytest.raises(ConversionError, match="not a Megatron torch_dist checkpoint"):
+        convert("plain-to-mhc", tmp_path / "nothing-here", tmp_path / "o2")
+    convert("plain-to-mhc", src, out, overwrite=True)
+    assert not (out / "keep.txt").exists()
+    with pytest.raises(ConversionError, match="already has mHC parameters"):
+        convert("plain-to-mhc", out, tmp_path / "twice")
+    with pytest.raises(ConversionError, match="not an upstream mHC checkpoint"):
+        convert("from-upstream", out, tmp_path / "up")
+
+
+def test_upstream_layout_round_trip(megatron_cpu, tmp_path):
+    src = tmp_path / "plain"
+    _save_plain_megatron_checkpoint(src)
+    mhc = MHCConfig(expansion_rate=2, kernel_backend="torch")
+    convert("plain-to-mhc", src, tmp_path / "ours", mhc_config=mhc)
+    convert("to-upstream", tmp_path / "ours", tmp_path / "upstream")
+    convert("from-upstream", tmp_path / "upstream", tmp_path / "back")
+    ours = read_model_checkpoint(tmp_path / "ours")
+    upstream = read_model_checkpoint(tmp_path / "upstream")
+    back = read_model_checkpoint(tmp_path / "back")
+    n, hidden, width = 2, 32, 8
+    prefix = "decoder.layers.self_attention_hyper_connection."
+    # Upstream layout: nn.Linear weight [out, in] = phi^T, one [1] tensor per gate (stacked over
+    # the 2 layers by Megatron's dist-ckpt).
+    assert upstream.tensors[prefix + "mapping_proj.weight"].shape == (2, width, n * hidden)
+    assert upstream.tensors[prefix + "alpha_res"].shape == (2, 1)
+    assert upstream.args.enable_mhc_connections and upstream.args.mhc_num_residual_streams == n
+    assert not hasattr(upstream.args, "enable_mhc")
+    assert set(back.tensors) == set(ours.tensors)
+    for key, tensor in ours.tensors.items():
+        torch.testing.assert_close(back.tensors[key], tensor, rtol=0, atol=0)
+    assert back.args.enable_mhc and back.args.mhc_expansion_rate == n
+
+
+def test_to_upstream_refuses_hc(megatron_cpu, tmp_path):
+    _save_plain_megatron_checkpoint(tmp_path / "plain")
+    convert("plain-to-mhc", tmp_path / "plain", tmp_path / "hc",
+            mhc_config=MHCConfig(variant="hc", kernel_backend="torch"))
+    with pytest.raises(ConversionError, match="no upstream equivalent"):
+        convert("to-upstream", tmp_path / "hc", tmp_path / "up")
+
+
+def test_gain_report_hand_built_example():
+    # H_a = [[1, 2], [0, 1]]: rows sum to 3, 1; columns to 1, 3.
+    # H_b = [[1, 0], [-3, 1]]: |rows| 1, 4; |columns| 4, 1.
+    # H_b H_a = [[1, 2], [-3, -5]]: |rows| 3, 8; |columns| 4, 7.
+    h_a = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+    h_b = torch.tensor([[1.0, 0.0], [-3.0, 1.0]])
+    report = gain_report([h_a, h_b])
+    assert report.layer_forward == [3.0, 4.0]
+    assert report.layer_backward == [3.0, 4.0]
+    assert report.composite_forward == [3.0, 8.0]
+    assert report.composite_backward == [3.0, 7.0]
+    # Per token: the max over tokens of each token's own product.
+    tokens = torch.stack([torch.eye(2), h_a]).unsqueeze(0)  # [1, 2 tokens, 2, 2]
+    assert gain_report([tokens, tokens]).composite_forward == [3.0, 5.0]
+
+
+def test_gain_report_cli_on_converted_checkpoint(megatron_cpu, tmp_path, capsys):
+    from megatron_mhc.cli import main
+
+    _save_plain_megatron_checkpoint(tmp_path / "plain")
+    assert main(["convert", "plain-to-mhc", str(tmp_path / "plain"), str(tmp_path / "mhc")]) == 0
+    assert main(["gain-report", str(tmp_path / "mhc"), "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert "max composite gain" in printed
+    gains = json.loads((tmp_path / "report" / "gains.json").read_text())
+    # 2 layers x 2 sublayers of static Sinkhorn(exp(4 I)): doubly stochastic, gain 1.
+    assert len(gains["layer_forward"]) == 4
+    assert max(gains["composite_forward"]) == pytest.approx(1.0, abs=1e-6)
+    assert (tmp_path / "report" / "gain_composite.png").stat().st_size > 0
+    # The CLI's refusal: an existing output without --overwrite.
+    assert main(["convert", "plain-to-mhc", str(tmp_path / "plain"), str(tmp_path / "mhc")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_training_gain_metrics_record_first_micro_batch(megatron_cpu):
+    from megatron_mhc import metrics
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+
+    model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), MHCConfig(kernel_backend="torch"))
+    metrics.arm([model])
+    with torch.no_grad():
+        lm_loss(model, _tokens())
+        lm_loss(model, _tokens())  # a second micro-batch is not recorded
+    assert all(len(m.recorded_h_res) == 1 for m in metrics._ARMED)
+    gains = metrics.collect_gains(num_sublayers=4)
+    metrics.disarm()
+    assert all(m.recorded_h_res is None for m in metrics.hyper_connections(model))
+    assert len(gains["layer_forward"]) == 4 and min(gains["layer_backward"]) > 0
+    # Sinkhorn-projected: column sums are exactly 1, so backward gains are 1 (fp32 round-off).
+    assert max(gains["layer_backward"]) == pytest.approx(1.0, abs=1e-5)
+    assert gains["composite_backward"] == pytest.approx(1.0, abs=1e-5)
+    assert gains["composite_forward"] >= 1.0 - 1e-5
