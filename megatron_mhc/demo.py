@@ -59,6 +59,9 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--num-experts", type=int, default=None,
+                        help="MoE MLPs with this many experts (top-2 routing, load-balancing "
+                             "aux loss, Megatron's alltoall dispatcher); default: dense MLPs")
     parser.add_argument("--mhc-expansion-rate", type=int, default=4)
     parser.add_argument("--mhc-kernel-backend", default="auto")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -74,6 +77,8 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.hidden_size % args.num_attention_heads:
         parser.error("--hidden-size must be a multiple of --num-attention-heads")
+    if args.num_experts is not None and args.num_experts < 2:
+        parser.error(f"--num-experts {args.num_experts}: allowed an integer >= 2 (top-2 routing)")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -120,6 +125,7 @@ def train_variant(variant: str, args, data: Dict[str, torch.Tensor], device) -> 
         num_attention_heads=args.num_attention_heads,
         vocab_size=256,
         seq_length=args.seq_length,
+        num_moe_experts=args.num_experts,
     )
     mhc_config = MHCConfig(
         variant=variant,
@@ -199,7 +205,9 @@ def main(argv: List[str] | None = None) -> List[DemoResult]:
     split = int(corpus.numel() * 0.95)
     data = {"train": corpus[:split], "val": corpus[split:]}
     print(f"megatron-mhc demo on {device}: {corpus.numel() / 1e6:.2f} MB of Gutenberg text, "
-          f"{args.num_layers} layers x {args.hidden_size} hidden, {args.steps} steps of "
+          f"{args.num_layers} layers x {args.hidden_size} hidden"
+          + (f" (MoE: {args.num_experts} experts, top-2)" if args.num_experts else "")
+          + f", {args.steps} steps of "
           f"{args.micro_batch_size} x {args.seq_length} bytes per variant", flush=True)
     results = [train_variant(v, args, data, device) for v in args.variants]
     print()

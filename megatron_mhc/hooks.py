@@ -33,6 +33,9 @@ from megatron_mhc.config import (
 ENABLE_FLAG = "--enable-mhc"
 #: Flags beyond the MHCConfig fields.
 LOG_INTERVAL_FLAG = "--mhc-log-interval"
+#: HybridModel layer symbols mHC does not wrap: their layers are not TransformerLayers (they add
+#: their own residual inside), so n-stream activations cannot pass through them.
+HYBRID_UNCOVERED_SYMBOLS = {"M": "Mamba", "G": "gated delta net"}
 #: Attribute set on the TransformerConfig of an mHC model: the width multiplier of the tensors
 #: pipeline stages exchange (n for mhc/hc, 1 for residual).
 PIPELINE_STREAMS_ATTR = "mhc_pipeline_streams"
@@ -127,6 +130,13 @@ def validate_mhc_args(args: Any) -> None:
         problems.append("--mtp-num-layers is not supported with --enable-mhc")
     if getattr(args, "inference_fuse_tp_communication", False):
         problems.append("--inference-fuse-tp-communication is not supported with --enable-mhc")
+    pattern = getattr(args, "hybrid_layer_pattern", None)
+    uncovered = sorted(set(pattern or "") & set(HYBRID_UNCOVERED_SYMBOLS))
+    if uncovered:
+        problems.append(
+            f"--hybrid-layer-pattern {pattern!r} has layer types not covered by mHC: "
+            + ", ".join(f"{s!r} ({HYBRID_UNCOVERED_SYMBOLS[s]})" for s in uncovered)
+            + "; allowed with --enable-mhc: '*' attention, 'D' DSA, '+' MLA, '-' MLP, 'E' MoE")
     interval = getattr(args, "mhc_log_interval", None)
     if interval is not None and interval < 0:
         problems.append(f"{LOG_INTERVAL_FLAG} {interval}: allowed 0 (off) or a positive integer")

@@ -20,6 +20,7 @@ import contextlib
 from typing import Any, Optional, Tuple
 
 import torch
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
@@ -109,14 +110,19 @@ class MHCLayerMixin:
             block = optimal_recompute_block(self.mhc_config.n, max(1, stage_layers))
         #: L_r: layers per mHC recompute block (None: every stream is stored).
         self.mhc_recompute_block = None if self.mhc_config.is_residual else block
-        if self.mhc_config.is_residual:
-            self.attn_hc = None
-            self.mlp_hc = None
-        else:
-            self.attn_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
-            self.mlp_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
-            self.attn_hc.sublayer_index = 2 * (self.layer_number - 1)
-            self.mlp_hc.sublayer_index = 2 * (self.layer_number - 1) + 1
+        # HybridModel builds attention-only and MLP-only TransformerLayers (the other sublayer
+        # is an IdentityOp): only the sublayers present get mappings and run.
+        self.has_attention = not isinstance(self.self_attention, IdentityOp)
+        self.has_mlp = not isinstance(self.mlp, IdentityOp)
+        self.attn_hc = None
+        self.mlp_hc = None
+        if not self.mhc_config.is_residual:
+            if self.has_attention:
+                self.attn_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
+                self.attn_hc.sublayer_index = 2 * (self.layer_number - 1)
+            if self.has_mlp:
+                self.mlp_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
+                self.mlp_hc.sublayer_index = 2 * (self.layer_number - 1) + 1
 
     def _split_hidden_states(self, args, kwargs) -> Tuple[Tensor, tuple, dict]:
         if "hidden_states" in kwargs:
@@ -133,9 +139,12 @@ class MHCLayerMixin:
             packed_seq_params=kwargs.get("packed_seq_params", None),
         )
         if self.mhc_config.is_residual:
-            y, context = self._forward_attention(hidden_states, *args, **kwargs)
-            x = hidden_states + y.to(hidden_states.dtype)
-            x = x + self._forward_mlp(x, **mlp_kwargs).to(x.dtype)
+            x, context = hidden_states, None
+            if self.has_attention:
+                y, context = self._forward_attention(x, *args, **kwargs)
+                x = x + y.to(x.dtype)
+            if self.has_mlp:
+                x = x + self._forward_mlp(x, **mlp_kwargs).to(x.dtype)
             return make_viewless_tensor(x, requires_grad=x.requires_grad, keep_graph=True), context
 
         n, hidden = self.mhc_config.n, self.config.hidden_size
@@ -161,10 +170,13 @@ class MHCLayerMixin:
             starts_block = (self.layer_number - 1) % self.mhc_recompute_block == 0
             if starts_block or not REGISTRY.is_live(x):
                 block_input = REGISTRY.add_block_input(x)
-        x, context = self._sublayer(self.attn_hc, x, recompute,
-                                    lambda a: self._forward_attention(a, *args, **kwargs))
-        x, _ = self._sublayer(self.mlp_hc, x, recompute,
-                              lambda a: (self._forward_mlp(a, **mlp_kwargs), None))
+        context = None
+        if self.has_attention:
+            x, context = self._sublayer(self.attn_hc, x, recompute,
+                                        lambda a: self._forward_attention(a, *args, **kwargs))
+        if self.has_mlp:
+            x, _ = self._sublayer(self.mlp_hc, x, recompute,
+                                  lambda a: (self._forward_mlp(a, **mlp_kwargs), None))
         if block_input is not None:
             REGISTRY.drop(block_input)
 

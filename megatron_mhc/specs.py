@@ -148,4 +148,4 @@ def get_gpt_layer_with_mhc_spec(
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         base = get_gpt_layer_local_spec(**spec_kwargs)
-    return with_mhc(base, mhc_config)
+    return with_mhc_any(base, mhc_config if mhc_config is not None else MHCConfig())

@@ -228,3 +228,82 @@ def _build_pipeline_chunks(settings, mhc_config, pp, vpp, build):
                 chunks.append(model)
     parallel_state.set_pipeline_model_parallel_rank(my_rank)
     return chunks
+
+
+def moe_loss_and_grads(rank, world_size, port, out_path, mhc_kwargs, reference_path):
+    """One forward/backward of a tiny mHC MoE GPT (4 experts, top-2, alltoall dispatcher) at
+    EP = world_size; every rank gets the same tokens. With ``reference_path`` (an EP=1 run's
+    state dict) the weights are loaded from it, experts split over the EP ranks."""
+    from megatron_mhc import MHCConfig
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    init_cpu_distributed(rank, world_size, port, expert_model_parallel_size=world_size)
+    try:
+        torch.manual_seed(1234)
+        settings = TinyGPTSettings(num_layers=2, num_moe_experts=4,
+                                   expert_model_parallel_size=world_size)
+        model = build_tiny_gpt(settings, MHCConfig(**mhc_kwargs))
+        if reference_path is not None:
+            reference = torch.load(reference_path)["state"]
+            local = 4 // world_size
+            state = {}
+            for key in model.state_dict():
+                source = key
+                if ".local_experts." in key:
+                    head, tail = key.split(".local_experts.")
+                    index, rest = tail.split(".", 1)
+                    source = f"{head}.local_experts.{rank * local + int(index)}.{rest}"
+                state[key] = reference[source]
+            model.load_state_dict(state)
+        clear_aux_losses_tracker()
+        loss = lm_loss(model, fixed_tokens())
+        loss.backward()
+        aux = {name: entry["values"].clone()
+               for name, entry in get_moe_layer_wise_logging_tracker().items()}
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                 if "_hc." in n or "router" in n}
+        if rank == 0:
+            torch.save({"loss": loss.detach(), "grads": grads, "aux": aux,
+                        "state": model.state_dict()}, out_path)
+    finally:
+        destroy_cpu_distributed()
+
+
+def cp_loss_and_grads(rank, world_size, port, out_path, mhc_kwargs):
+    """One forward/backward of a tiny mHC GPT at CP = world_size (Megatron's load-balanced
+    sequence split, keys/values all-gathered by the fixture attention); losses summed and
+    gradients all-reduced over the CP group as Megatron's loss and DDP do."""
+    from megatron.core import parallel_state
+
+    from megatron_mhc import MHCConfig
+    from megatron_mhc.testing.cp_attention import CPCoreAttention, cp_chunk_indices
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
+
+    init_cpu_distributed(rank, world_size, port, context_parallel_size=world_size)
+    try:
+        torch.manual_seed(1234)
+        settings = TinyGPTSettings(num_layers=2, context_parallel_size=world_size,
+                                   core_attention=CPCoreAttention)
+        model = build_tiny_gpt(settings, MHCConfig(**mhc_kwargs))
+        input_ids, position_ids, labels, mask = causal_lm_inputs(fixed_tokens())
+        seq = input_ids.shape[1]
+        local = cp_chunk_indices(seq, world_size, parallel_state.get_context_parallel_rank())
+        per_token = model(input_ids[:, local], position_ids[:, local], mask, labels=labels[:, local])
+        loss = per_token.float().sum() / labels.numel()
+        loss.backward()
+        group = parallel_state.get_context_parallel_group()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total, group=group)
+        grads = {}
+        for name, param in model.named_parameters():
+            grad = param.grad.detach().clone()
+            torch.distributed.all_reduce(grad, group=group)
+            grads[name] = grad
+        if rank == 0:
+            torch.save({"loss": total, "grads": grads}, out_path)
+    finally:
+        destroy_cpu_distributed()

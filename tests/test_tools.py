@@ -200,3 +200,42 @@ def test_training_gain_metrics_record_first_micro_batch(megatron_cpu):
     assert max(gains["layer_backward"]) == pytest.approx(1.0, abs=1e-5)
     assert gains["composite_backward"] == pytest.approx(1.0, abs=1e-5)
     assert gains["composite_forward"] >= 1.0 - 1e-5
+
+
+def test_gain_report_batch_mode_rebuilds_the_model(megatron_cpu, tmp_path):
+    """``gain-report --batch``: the model rebuilt from the checkpoint's args gives the same
+    per-token gains as the in-memory model that wrote the checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_mhc.analysis import record_residual_mappings
+    from megatron_mhc.gain_tool import batch_residual_mappings
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
+
+    mhc = MHCConfig(expansion_rate=4, kernel_backend="torch")
+    model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), mhc)
+    with torch.no_grad():  # make the mappings input-dependent and non-trivial
+        for name, param in model.named_parameters():
+            if name.endswith("_hc.alpha"):
+                param.fill_(1.0)
+    args = argparse.Namespace(
+        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=128,
+        normalization="RMSNorm", add_bias_linear=False, padded_vocab_size=256,
+        max_position_embeddings=32, position_embedding_type="learned_absolute",
+        untie_embeddings_and_output_weights=False, norm_epsilon=1e-5, enable_mhc=True,
+        **{f"mhc_{k}": v for k, v in mhc.as_dict().items()})
+    iter_dir = tmp_path / "ckpt" / "iter_0000001"
+    iter_dir.mkdir(parents=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "iteration": 1},
+                            str(iter_dir))
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1")
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(4))
+    input_ids, position_ids, _, mask = causal_lm_inputs(
+        torch.cat([tokens, tokens[:, :1]], dim=1))
+    with torch.no_grad(), record_residual_mappings(model) as expected:
+        model(input_ids, position_ids, mask)
+    got = batch_residual_mappings(tmp_path / "ckpt", tokens)
+    assert len(got) == len(expected) == 4
+    want, have = gain_report(expected), gain_report(got)
+    assert have.max_composite_forward > 1.0 + 1e-6  # input-dependent, not the static identity
+    for field in ("layer_forward", "layer_backward", "composite_forward", "composite_backward"):
+        assert getattr(have, field) == pytest.approx(getattr(want, field), rel=1e-5)

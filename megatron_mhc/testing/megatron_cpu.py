@@ -4,7 +4,7 @@ Megatron-Core assumes CUDA in three places that a small CPU run reaches (see
 shared/notes/megatron-core-on-cpu.md): the global memory buffer, the default causal mask and the
 CUDA RNG tracker; with tensor/sequence parallelism also the collectives' output buffers, which
 are allocated on ``torch.cuda.current_device()``, and with pipeline parallelism the schedules'
-token counters (``device="cuda"``). ``patch_megatron_for_cpu()`` replaces them in
+token counters (``device="cuda"``), with MoE the alltoall dispatcher's side CUDA stream. ``patch_megatron_for_cpu()`` replaces them in
 this process only, and only when no CUDA device is visible.
 """
 
@@ -50,6 +50,19 @@ def patch_megatron_for_cpu() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchOnCPU()
+    # The MoE alltoall dispatcher copies its split sizes to the host on a side CUDA stream.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.torch = _TorchOnCPU()
+    move_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        # On GPU the split sizes become numpy arrays here; CPU tensors were passed through.
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return move_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
@@ -57,11 +70,47 @@ def patch_megatron_for_cpu() -> None:
     _PATCHED = True
 
 
+class _NoStream:
+    """A stand-in CUDA stream / event on CPU: everything is already synchronous."""
+
+    def wait_stream(self, stream):
+        return None
+
+    def record_event(self, event=None):
+        return self
+
+    def synchronize(self):
+        return None
+
+
+class _CudaOnCPU(types.ModuleType):
+    """``torch.cuda`` whose streams are no-ops (one shared stream, so nothing is "on the side")."""
+
+    _stream = _NoStream()
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    def Stream(self, *args, **kwargs):  # noqa: N802 - mirrors torch.cuda.Stream
+        return self._stream
+
+    def current_stream(self, device=None):
+        return self._stream
+
+    def stream(self, stream):
+        return contextlib.nullcontext()
+
+
 class _TorchOnCPU(types.ModuleType):
-    """``torch`` as one Megatron module sees it, with ``device="cuda"`` allocations on CPU."""
+    """``torch`` as one Megatron module sees it, with ``device="cuda"`` allocations on CPU and
+    no-op CUDA streams."""
 
     def __init__(self):
         super().__init__("torch")
+        self.cuda = _CudaOnCPU()
 
     def __getattr__(self, name):
         return getattr(torch, name)

@@ -30,6 +30,10 @@ class TinyGPTSettings:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     params_dtype: torch.dtype = torch.float32
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    num_moe_experts: Optional[int] = None  # MoE MLP (SequentialMLP experts, top-2, aux loss)
+    core_attention: Optional[type] = None  # replaces the spec's core attention (e.g. for CP)
     extra_config: dict = field(default_factory=dict)
 
 
@@ -61,7 +65,18 @@ def tiny_transformer_config(settings: TinyGPTSettings) -> TransformerConfig:
         params_dtype=settings.params_dtype,
         pipeline_dtype=settings.params_dtype,
         init_method_std=0.02,
+        context_parallel_size=settings.context_parallel_size,
+        expert_model_parallel_size=settings.expert_model_parallel_size,
     )
+    if settings.num_moe_experts:
+        kwargs.update(
+            num_moe_experts=settings.num_moe_experts,
+            moe_router_topk=2,
+            moe_aux_loss_coeff=0.01,
+            moe_router_load_balancing_type="aux_loss",
+            moe_token_dispatcher_type="alltoall",
+            moe_ffn_hidden_size=settings.ffn_hidden_size or 2 * settings.hidden_size,
+        )
     kwargs.update(settings.extra_config)
     # Not a TransformerConfig field: the stream count the patched schedules read (hooks.py).
     streams = kwargs.pop("mhc_pipeline_streams", None)
@@ -102,12 +117,19 @@ def build_tiny_gpt(
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
     config = tiny_transformer_config(settings)
+    spec_kwargs = dict(normalization="RMSNorm", num_experts=settings.num_moe_experts)
     if plain:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(**spec_kwargs)
     else:
-        spec = get_gpt_layer_with_mhc_spec(mhc_config, normalization="RMSNorm")
+        spec = get_gpt_layer_with_mhc_spec(mhc_config, **spec_kwargs)
+    if settings.core_attention is not None:
+        attention = spec.submodules.self_attention
+        attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+            attention.submodules, core_attention=settings.core_attention))
+        spec = dataclasses.replace(
+            spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
     num_local_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return GPTModel(
         config=config,
