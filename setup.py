@@ -23,7 +23,8 @@ setup(
         "triton": ["triton>=3.2"],
         "tilelang": ["tilelang", "tile-kernels"],
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "triton>=3.2"],
+        "corpus": ["tokenizers"],
+        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "triton>=3.2", "tokenizers"],
     },
     entry_points={"console_scripts": ["megatron-mhc=megatron_mhc.cli:main"]},
 )
