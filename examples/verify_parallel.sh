@@ -17,7 +17,6 @@ run() { local name=$1; shift; echo "== $name"; "$@" > "$LOG_DIR/$name.log" 2>&1;
 $PYTHON -m megatron_mhc.cli patch apply "$MEGATRON_LM" || exit 1
 MOE=(--num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall
      --moe-aux-loss-coeff 0.01 --expert-model-parallel-size 2)
-ITERS=${ITERS:-30}
 GPUS=2 PP=2 run pp2_mhc bash "$HERE/pretrain_gpt_mhc.sh"
 GPUS=2 PP=2 MHC_ARGS="" run pp2_plain bash "$HERE/pretrain_gpt_mhc.sh"
 GPUS=2 PP=2 run pp2_vpp2_mhc bash "$HERE/pretrain_gpt_mhc.sh" --num-layers-per-virtual-pipeline-stage 3
