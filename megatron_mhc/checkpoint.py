@@ -104,24 +104,19 @@ def read_model_checkpoint(path: Path) -> ModelCheckpoint:
     """Load every model tensor and object of the checkpoint at ``path`` (never modified)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.dist_checkpointing.serialization import (
-        load_sharded_metadata,
-        load_tensors_metadata,
-    )
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     ensure_process_group()
     iter_dir, label = locate_checkpoint(path)
-    tensor_meta = {k: v for k, v in load_tensors_metadata(str(iter_dir)).items()
-                   if _is_model_key(v.key)}
-    loaded = dist_checkpointing.load(tensor_meta, str(iter_dir), validate_access_integrity=False)
-    tensors = {k: loaded[k] for k in tensor_meta}  # load() also returns the common state
-    object_meta = {k: v for k, v in load_sharded_metadata(str(iter_dir)).items()
-                   if isinstance(v, ShardedObject) and _is_model_key(v.key)}
-    objects = {}
-    if object_meta:
-        loaded = dist_checkpointing.load(object_meta, str(iter_dir),
-                                         validate_access_integrity=False)
-        objects = {k: dataclasses.replace(m, data=loaded[k]) for k, m in object_meta.items()}
+    wanted = {k: v for k, v in load_sharded_metadata(str(iter_dir)).items()
+              if _is_model_key(v.key)}
+    loaded = dist_checkpointing.load(wanted, str(iter_dir), validate_access_integrity=False)
+    tensors, objects = {}, {}  # (load() also returns the common state: keep only ours)
+    for unique_key, meta in wanted.items():
+        if isinstance(meta, ShardedObject):
+            objects[unique_key] = dataclasses.replace(meta, data=loaded[unique_key])
+        else:
+            tensors[meta.key] = loaded[unique_key]
     common = dist_checkpointing.load_common_state_dict(str(iter_dir))
     content_metadata = common.get("content_metadata")
     common = {k: v for k, v in common.items() if k not in NON_MODEL_COMMON_KEYS}
@@ -295,6 +290,19 @@ UPSTREAM_DIFFERENCES = (
 )
 
 
+def _rename_sublayers(prefix: str, source: Dict[str, str], target: Dict[str, str]) -> str:
+    """``decoder.layers.<...>.attn_hc.`` <-> ``..self_attention_hyper_connection.`` (and MLP)."""
+    for sub in ("attn", "mlp"):
+        prefix = prefix.replace(f".{source[sub]}.", f".{target[sub]}.")
+    return prefix
+
+
+def _arg(args, name: str, default):
+    """``args.name``, or ``default`` when absent or None (0 and 0.0 are kept)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
 def to_upstream(checkpoint: ModelCheckpoint) -> int:
     """Rename / reshape our mHC parameters into the upstream layout (in place)."""
     args = checkpoint.args
@@ -311,8 +319,7 @@ def to_upstream(checkpoint: ModelCheckpoint) -> int:
         if not key.endswith(".phi"):
             continue
         base = key[: -len("phi")]
-        new_base = base.replace(f".{OURS['attn']}.", f".{UPSTREAM['attn']}.").replace(
-            f".{OURS['mlp']}.", f".{UPSTREAM['mlp']}.")
+        new_base = _rename_sublayers(base, OURS, UPSTREAM)
         phi = checkpoint.tensors.pop(base + "phi")
         alpha = checkpoint.tensors.pop(base + "alpha")
         bias = checkpoint.tensors.pop(base + "bias")
@@ -321,12 +328,12 @@ def to_upstream(checkpoint: ModelCheckpoint) -> int:
             checkpoint.tensors[new_base + gate] = alpha[..., index:index + 1].contiguous()
         checkpoint.tensors[new_base + "bias"] = bias
         count += 1
-    n = getattr(args, "mhc_expansion_rate", None) or MHCConfig().expansion_rate
+    defaults = MHCConfig()
     _set_args(checkpoint, {
         "enable_mhc_connections": True,
-        "mhc_num_residual_streams": n,
-        "mhc_sinkhorn_iterations": getattr(args, "mhc_sinkhorn_iters", None) or 20,
-        "mhc_init_gating_factor": getattr(args, "mhc_gate_init", None) or 0.01,
+        "mhc_num_residual_streams": _arg(args, "mhc_expansion_rate", defaults.expansion_rate),
+        "mhc_sinkhorn_iterations": _arg(args, "mhc_sinkhorn_iters", defaults.sinkhorn_iters),
+        "mhc_init_gating_factor": _arg(args, "mhc_gate_init", defaults.gate_init),
     }, remove=[a for a in vars(args or argparse.Namespace()) if a.startswith("mhc_") or a == "enable_mhc"])
     return count
 
@@ -341,8 +348,7 @@ def from_upstream(checkpoint: ModelCheckpoint) -> int:
         if not key.endswith(".mapping_proj.weight"):
             continue
         base = key[: -len("mapping_proj.weight")]
-        new_base = base.replace(f".{UPSTREAM['attn']}.", f".{OURS['attn']}.").replace(
-            f".{UPSTREAM['mlp']}.", f".{OURS['mlp']}.")
+        new_base = _rename_sublayers(base, UPSTREAM, OURS)
         weight = checkpoint.tensors.pop(key)
         gates = [checkpoint.tensors.pop(base + g) for g in ("alpha_pre", "alpha_post", "alpha_res")]
         checkpoint.tensors[new_base + "phi"] = weight.transpose(-1, -2).contiguous()
@@ -355,12 +361,13 @@ def from_upstream(checkpoint: ModelCheckpoint) -> int:
         width = checkpoint.tensors[next(k for k in checkpoint.tensors if k.endswith(".bias")
                                         and f".{OURS['attn']}." in k)].shape[-1]
         n = int(round(math.sqrt(width + 1) - 1))  # n^2 + 2n = width
+    defaults = MHCConfig()
     _set_args(checkpoint, {
         "enable_mhc": True,
         "mhc_variant": "mhc",
         "mhc_expansion_rate": n,
-        "mhc_sinkhorn_iters": getattr(args, "mhc_sinkhorn_iterations", None) or 20,
-        "mhc_gate_init": getattr(args, "mhc_init_gating_factor", None) or 0.01,
+        "mhc_sinkhorn_iters": _arg(args, "mhc_sinkhorn_iterations", defaults.sinkhorn_iters),
+        "mhc_gate_init": _arg(args, "mhc_init_gating_factor", defaults.gate_init),
     }, remove=["enable_mhc_connections", "mhc_num_residual_streams", "mhc_sinkhorn_iterations",
                "mhc_init_gating_factor", "mhc_recompute_layer_num"])
     return count

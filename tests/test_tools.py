@@ -119,7 +119,8 @@ def test_convert_refusals(megatron_cpu, tmp_path):
 def test_upstream_layout_round_trip(megatron_cpu, tmp_path):
     src = tmp_path / "plain"
     _save_plain_megatron_checkpoint(src)
-    mhc = MHCConfig(expansion_rate=2, kernel_backend="torch")
+    # gate_init 0 must survive both renames (a falsy value, not a missing one).
+    mhc = MHCConfig(expansion_rate=2, gate_init=0.0, sinkhorn_iters=7, kernel_backend="torch")
     convert("plain-to-mhc", src, tmp_path / "ours", mhc_config=mhc)
     convert("to-upstream", tmp_path / "ours", tmp_path / "upstream")
     convert("from-upstream", tmp_path / "upstream", tmp_path / "back")
@@ -138,6 +139,8 @@ def test_upstream_layout_round_trip(megatron_cpu, tmp_path):
     for key, tensor in ours.tensors.items():
         torch.testing.assert_close(back.tensors[key], tensor, rtol=0, atol=0)
     assert back.args.enable_mhc and back.args.mhc_expansion_rate == n
+    assert upstream.args.mhc_init_gating_factor == 0.0 and back.args.mhc_gate_init == 0.0
+    assert upstream.args.mhc_sinkhorn_iterations == 7 and back.args.mhc_sinkhorn_iters == 7
 
 
 def test_to_upstream_refuses_hc(megatron_cpu, tmp_path):
