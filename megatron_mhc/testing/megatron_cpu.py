@@ -168,9 +168,12 @@ def init_cpu_distributed(
 
 
 def destroy_cpu_distributed() -> None:
-    """Tear down Megatron's groups and the process group."""
+    """Tear down Megatron's groups, the MoE metrics tracker (sized for the last model's layer
+    count) and the process group."""
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     parallel_state.destroy_model_parallel()
+    destroy_moe_metrics_tracker()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
