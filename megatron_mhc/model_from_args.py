@@ -15,6 +15,20 @@ import torch
 from megatron_mhc.checkpoint import ConversionError, ensure_process_group, locate_checkpoint
 
 
+#: TransformerConfig settings for an eager, deterministic rebuild on any device: no dropout, CPU
+#: initialisation, none of the fusions that need CUDA / Apex / Transformer-Engine.
+EAGER_CONFIG_KWARGS = dict(
+    use_cpu_initialization=True,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    gradient_accumulation_fusion=False,
+    persist_layer_norm=False,
+    apply_rope_fusion=False,
+)
+
+
 def _config_from_args(args, dtype: torch.dtype):
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -31,15 +45,8 @@ def _config_from_args(args, dtype: torch.dtype):
         add_qkv_bias=getattr(args, "add_qkv_bias", False),
         qk_layernorm=getattr(args, "qk_layernorm", False),
         gated_linear_unit=getattr(args, "swiglu", False),
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
         params_dtype=dtype,
+        **EAGER_CONFIG_KWARGS,
     )
     if getattr(args, "swiglu", False):
         kwargs["activation_func"] = F.silu

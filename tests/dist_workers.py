@@ -76,14 +76,6 @@ def tp_loss_and_grads(rank, world_size, port, out_path, sequence_parallel, mhc_k
         destroy_cpu_distributed()
 
 
-def _train_steps(model, steps, lm_loss):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = lm_loss(model, fixed_tokens(seed=5))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
 
 def checkpoint_save_or_load(rank, world_size, port, mode, ckpt_dir, out_path, mhc_kwargs):
     """``mode='save'``: train 3 steps at TP=world_size, save a dist-ckpt and the loss it gives.
@@ -91,7 +83,12 @@ def checkpoint_save_or_load(rank, world_size, port, mode, ckpt_dir, out_path, mh
     from megatron.core import dist_checkpointing
 
     from megatron_mhc import MHCConfig
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron_mhc.testing.tiny_gpt import (
+        TinyGPTSettings,
+        build_tiny_gpt,
+        lm_loss,
+        train_on_batch,
+    )
 
     init_cpu_distributed(rank, world_size, port, tensor_model_parallel_size=world_size)
     try:
@@ -101,7 +98,8 @@ def checkpoint_save_or_load(rank, world_size, port, mode, ckpt_dir, out_path, mh
         with torch.no_grad():
             loss_before = lm_loss(model, fixed_tokens(seed=5))
         if mode == "save":
-            _train_steps(model, 3, lm_loss)
+            train_on_batch(model, fixed_tokens(seed=5), steps=3, lr=1e-2,
+                           optimizer_class=torch.optim.Adam)
             dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
         else:
             state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)

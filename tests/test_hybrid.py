@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_mhc import MHCConfig
-from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, lm_loss
+from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, lm_loss, train_on_batch
 from megatron_mhc.testing.tiny_hybrid import build_tiny_hybrid
 
 PATTERN = "*-*E"  # attention, MLP, attention, MoE
@@ -38,14 +38,7 @@ def test_function_preserving_mhc_hybrid_equals_plain(megatron_cpu):
 def test_mhc_hybrid_trains(megatron_cpu):
     model = build_tiny_hybrid(TinyGPTSettings(), PATTERN, MHCConfig(**MHC))
     tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(25):
-        loss = lm_loss(model, tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_batch(model, tokens, steps=25)
     assert losses[-1] < 0.6 * losses[0], losses
 
 

@@ -5,7 +5,7 @@ import torch
 
 from megatron_mhc import MHCConfig
 from megatron_mhc.hyper_connection import HyperConnection
-from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss, train_on_batch
 
 
 def _tokens(seed, batch=4, seq=32, vocab=256):
@@ -59,15 +59,7 @@ def test_mhc_gpt_trains_and_every_mhc_param_learns(megatron_cpu):
     hcs = [m for m in model.modules() if isinstance(m, HyperConnection)]
     assert len(hcs) == 4
     before = {name: p.detach().clone() for name, p in model.named_parameters() if "_hc." in name}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    tokens = _tokens(2)
-    losses = []
-    for _ in range(30):
-        loss = lm_loss(model, tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_batch(model, _tokens(2), steps=30)
     assert losses[-1] < 0.5 * losses[0], losses
     for name, p in model.named_parameters():
         if name in before:
@@ -76,16 +68,8 @@ def test_mhc_gpt_trains_and_every_mhc_param_learns(megatron_cpu):
 
 def test_hc_variant_trains(megatron_cpu):
     model = build_tiny_gpt(TinyGPTSettings(), MHCConfig(variant="hc", kernel_backend="torch"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    tokens = _tokens(3)
-    first = None
-    for _ in range(20):
-        loss = lm_loss(model, tokens)
-        first = loss.item() if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.7 * first
+    losses = train_on_batch(model, _tokens(3), steps=20)
+    assert losses[-1] < 0.7 * losses[0]
 
 
 def test_unsupported_megatron_features_are_refused(megatron_cpu):

@@ -62,19 +62,12 @@ def test_function_preserving_mhc_moe_equals_plain_moe(megatron_cpu, shared_exper
 
 
 def test_mhc_moe_model_trains(megatron_cpu):
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, train_on_batch
 
     model = build_tiny_gpt(TinyGPTSettings(num_layers=2, num_moe_experts=4), MHCConfig(**MHC))
     tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     start = [p.detach().clone() for n, p in model.named_parameters() if "_hc." in n]
-    losses = []
-    for _ in range(25):
-        loss = lm_loss(model, tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_batch(model, tokens, steps=25)
     assert losses[-1] < 0.6 * losses[0], losses
     moved = [not torch.equal(a, p) for a, (n, p) in zip(
         start, [(n, p) for n, p in model.named_parameters() if "_hc." in n])]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mhc.config import MHCConfig
+from megatron_mhc.model_from_args import EAGER_CONFIG_KWARGS
 from megatron_mhc.specs import get_gpt_layer_with_mhc_spec
 
 
@@ -45,14 +46,6 @@ def tiny_transformer_config(settings: TinyGPTSettings) -> TransformerConfig:
         num_attention_heads=settings.num_attention_heads,
         ffn_hidden_size=settings.ffn_hidden_size or 4 * settings.hidden_size,
         normalization="RMSNorm",
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
         add_bias_linear=False,
         tensor_model_parallel_size=settings.tensor_model_parallel_size,
         pipeline_model_parallel_size=settings.pipeline_model_parallel_size,
@@ -67,6 +60,7 @@ def tiny_transformer_config(settings: TinyGPTSettings) -> TransformerConfig:
         init_method_std=0.02,
         context_parallel_size=settings.context_parallel_size,
         expert_model_parallel_size=settings.expert_model_parallel_size,
+        **EAGER_CONFIG_KWARGS,
     )
     if settings.num_moe_experts:
         kwargs.update(
@@ -161,3 +155,17 @@ def lm_loss(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
     input_ids, position_ids, labels, mask = causal_lm_inputs(tokens)
     per_token = model(input_ids, position_ids, mask, labels=labels)
     return per_token.float().mean()
+
+
+def train_on_batch(model: GPTModel, tokens: torch.Tensor, steps: int, lr: float = 3e-3,
+                   optimizer_class=torch.optim.AdamW) -> List[float]:
+    """``steps`` optimizer steps of ``lm_loss`` on one batch; returns the loss before each step."""
+    optimizer = optimizer_class(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = lm_loss(model, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
