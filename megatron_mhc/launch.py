@@ -48,6 +48,9 @@ def _wrap_model_class(module, name: str, spec_kwarg: str) -> None:
 
 def install_hooks(script_dir: str) -> None:
     """Wrap Megatron-LM's functions with the mHC hooks (idempotent per process)."""
+    # The script's tree first, as ``python pretrain_gpt.py`` would have it, before megatron is
+    # imported, so that tree's megatron package (and gpt_builders etc.) is the one that runs.
+    sys.path.insert(0, script_dir)
     import megatron.training.arguments as arguments
     import megatron.training.training as training
 
@@ -82,7 +85,6 @@ def install_hooks(script_dir: str) -> None:
     arguments.add_megatron_arguments = add_megatron_arguments
     arguments.validate_args = validate_args
     training.train_step = train_step
-    sys.path.insert(0, script_dir)
     for module_name, class_name, spec_kwarg in (
         ("megatron.training.models.gpt", "GPTModel", "transformer_layer_spec"),
         ("megatron.training.models.hybrid", "HybridModel", "hybrid_stack_spec"),
@@ -107,9 +109,6 @@ def main(argv: List[str]) -> int:
         print(f"megatron_mhc.launch: {argv[0]} is not a file (expected e.g. "
               "<Megatron-LM>/pretrain_gpt.py)", file=sys.stderr)
         return 2
-    # The script's tree first, as ``python pretrain_gpt.py`` would have it (before megatron is
-    # imported, so its megatron package is the one that runs).
-    sys.path.insert(0, os.path.dirname(script))
     install_hooks(os.path.dirname(script))
     sys.argv = [script, *argv[1:]]
     runpy.run_path(script, run_name="__main__")
