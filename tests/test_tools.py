@@ -242,3 +242,40 @@ def test_gain_report_batch_mode_rebuilds_the_model(megatron_cpu, tmp_path):
     assert have.max_composite_forward > 1.0 + 1e-6  # input-dependent, not the static identity
     for field in ("layer_forward", "layer_backward", "composite_forward", "composite_backward"):
         assert getattr(have, field) == pytest.approx(getattr(want, field), rel=1e-5)
+
+
+def test_after_train_step_logs_every_mhc_log_interval(megatron_cpu, monkeypatch, capsys):
+    """The training-loop hook arms the step before each --mhc-log-interval multiple, logs that
+    step's gains after it, and does nothing with the interval 0."""
+    import sys
+    import types
+
+    from megatron_mhc import metrics
+    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+
+    args = argparse.Namespace(enable_mhc=True, mhc_variant=None, mhc_log_interval=2,
+                              log_interval=10, num_layers=2)
+    global_vars = types.ModuleType("megatron.training.global_vars")
+    global_vars.get_args = lambda: args
+    global_vars.get_tensorboard_writer = lambda: None
+    global_vars.get_wandb_writer = lambda: None
+    monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
+    model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), MHCConfig(kernel_backend="torch"))
+
+    def step(iteration):
+        with torch.no_grad():
+            lm_loss(model, _tokens())
+        metrics.after_train_step([model], iteration)
+
+    metrics.after_train_step([model], 1)  # iteration 2 is a logging step: armed now
+    assert metrics._ARMED
+    step(2)
+    assert "[mhc] iteration        2 | H_res gain" in capsys.readouterr().out
+    assert not metrics._ARMED  # 3 is not a multiple of 2
+    step(3)
+    assert metrics._ARMED and capsys.readouterr().out == ""
+    metrics.disarm()
+    args.mhc_log_interval = 0
+    metrics.after_train_step([model], 3)
+    assert not metrics._ARMED
