@@ -33,6 +33,7 @@ from megatron_mhc.config import (
 ENABLE_FLAG = "--enable-mhc"
 #: Flags beyond the MHCConfig fields.
 LOG_INTERVAL_FLAG = "--mhc-log-interval"
+GAIN_LOG_FLAG = "--mhc-gain-log"
 #: HybridModel layer symbols mHC does not wrap: their layers are not TransformerLayers (they add
 #: their own residual inside), so n-stream activations cannot pass through them.
 HYBRID_UNCOVERED_SYMBOLS = {"M": "Mamba", "G": "gated delta net"}
@@ -91,6 +92,9 @@ def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(LOG_INTERVAL_FLAG, type=int, default=None, dest="mhc_log_interval",
                        help="Log the H_res gain metrics every this many iterations (default: "
                             "--log-interval; 0 turns them off).")
+    group.add_argument(GAIN_LOG_FLAG, default=None, dest="mhc_gain_log", metavar="PATH",
+                       help="Also append the gain metrics of each logging step to PATH as JSON "
+                            "lines (per-sublayer and composite gains by depth; rank 0 writes).")
     return parser
 
 
@@ -118,6 +122,8 @@ def validate_mhc_args(args: Any) -> None:
         given = [FLAG_NAMES[f] for f, d in _FIELD_DESTS.items() if getattr(args, d, None) is not None]
         if getattr(args, "mhc_log_interval", None) is not None:
             given.append(LOG_INTERVAL_FLAG)
+        if getattr(args, "mhc_gain_log", None) is not None:
+            given.append(GAIN_LOG_FLAG)
         if given:
             raise ValueError(f"{', '.join(given)} given without {ENABLE_FLAG}: add {ENABLE_FLAG} "
                              "to train with mHC, or drop these flags")

@@ -4,7 +4,8 @@ On a logging iteration (every ``--mhc-log-interval``, default ``--log-interval``
 ``HyperConnection`` records its H_res for the first micro-batch it sees; after the step the per
 sublayer forward gain (max abs row sum) and backward gain (max abs column sum) and the composite
 gains of the products are computed, reduced with MAX over all ranks, printed on rank 0 and written
-to TensorBoard / W&B as ``mhc/*``.
+to TensorBoard / W&B as ``mhc/*`` and, with ``--mhc-gain-log PATH``, appended to ``PATH`` as one JSON
+line per logging step (per-sublayer gains and the composite gain at every depth, for plots).
 
 With pipeline parallelism a stage only holds its own layers, so the composite is the product over
 each stage's layers and the logged value is the max over stages (the full product at PP = 1; the
@@ -13,6 +14,7 @@ each stage's layers and the logged value is the max over stages (the full produc
 
 from __future__ import annotations
 
+import json
 from typing import Dict, List
 
 import torch
@@ -57,13 +59,19 @@ def disarm() -> None:
 def collect_gains(num_sublayers: int) -> Dict[str, object]:
     """Gains of the recorded H_res, reduced with MAX over ranks (call on every rank)."""
     recorded = [(m.sublayer_index, m.recorded_h_res[0]) for m in _ARMED if m.recorded_h_res]
-    # [layer fwd | layer bwd] per global sublayer, then the stage-local composite fwd, bwd.
-    values = torch.zeros(2 * num_sublayers + 2, dtype=torch.float64)
+    # [layer fwd | layer bwd | composite fwd | composite bwd] per global sublayer (the composite
+    # of a sublayer: the product of H_res from the stage's first sublayer up to it), then the
+    # stage-local max composite fwd, bwd.
+    values = torch.zeros(4 * num_sublayers + 2, dtype=torch.float64)
     if recorded:
         report = gain_report([h.float().cpu() for _, h in recorded])
-        for (index, _), fwd, bwd in zip(recorded, report.layer_forward, report.layer_backward):
+        per_depth = zip(recorded, report.layer_forward, report.layer_backward,
+                        report.composite_forward, report.composite_backward)
+        for (index, _), fwd, bwd, comp_fwd, comp_bwd in per_depth:
             values[index] = fwd
             values[num_sublayers + index] = bwd
+            values[2 * num_sublayers + index] = comp_fwd
+            values[3 * num_sublayers + index] = comp_bwd
         values[-2] = report.max_composite_forward
         values[-1] = report.max_composite_backward
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -74,6 +82,8 @@ def collect_gains(num_sublayers: int) -> Dict[str, object]:
     return {
         "layer_forward": values[:num_sublayers].tolist(),
         "layer_backward": values[num_sublayers:2 * num_sublayers].tolist(),
+        "composite_forward_by_depth": values[2 * num_sublayers:3 * num_sublayers].tolist(),
+        "composite_backward_by_depth": values[3 * num_sublayers:4 * num_sublayers].tolist(),
         "composite_forward": values[-2].item(),
         "composite_backward": values[-1].item(),
     }
@@ -93,8 +103,18 @@ def after_train_step(model, iteration: int) -> None:
         gains = collect_gains(2 * args.num_layers)
         disarm()
         _log(gains, iteration, get_tensorboard_writer(), get_wandb_writer())
+        if getattr(args, "mhc_gain_log", None):
+            write_gain_log(args.mhc_gain_log, gains, iteration)
     if (iteration + 1) % interval == 0:
         arm(model)
+
+
+def write_gain_log(path: str, gains: Dict[str, object], iteration: int) -> None:
+    """Append one JSON line (``iteration`` plus the gains) to ``path`` on rank 0."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"iteration": iteration, **gains}) + "\n")
 
 
 def _log(gains: Dict[str, object], iteration: int, writer, wandb_writer) -> None:

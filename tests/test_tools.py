@@ -244,17 +244,20 @@ def test_gain_report_batch_mode_rebuilds_the_model(megatron_cpu, tmp_path):
         assert getattr(have, field) == pytest.approx(getattr(want, field), rel=1e-5)
 
 
-def test_after_train_step_logs_every_mhc_log_interval(megatron_cpu, monkeypatch, capsys):
+def test_after_train_step_logs_every_mhc_log_interval(megatron_cpu, monkeypatch, capsys, tmp_path):
     """The training-loop hook arms the step before each --mhc-log-interval multiple, logs that
-    step's gains after it, and does nothing with the interval 0."""
+    step's gains after it (also as a JSON line with --mhc-gain-log), and does nothing with the
+    interval 0."""
+    import json
     import sys
     import types
 
     from megatron_mhc import metrics
     from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
+    gain_log = tmp_path / "gains.jsonl"
     args = argparse.Namespace(enable_mhc=True, mhc_variant=None, mhc_log_interval=2,
-                              log_interval=10, num_layers=2)
+                              log_interval=10, num_layers=2, mhc_gain_log=str(gain_log))
     global_vars = types.ModuleType("megatron.training.global_vars")
     global_vars.get_args = lambda: args
     global_vars.get_tensorboard_writer = lambda: None
@@ -272,6 +275,11 @@ def test_after_train_step_logs_every_mhc_log_interval(megatron_cpu, monkeypatch,
     assert metrics._ARMED
     step(2)
     assert "[mhc] iteration        2 | H_res gain" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in gain_log.read_text().splitlines()]
+    assert record["iteration"] == 2 and len(record["layer_forward"]) == 4
+    assert len(record["composite_forward_by_depth"]) == 4
+    assert max(record["composite_forward_by_depth"]) == pytest.approx(record["composite_forward"])
+    assert all(g > 0 for g in record["layer_forward"] + record["composite_backward_by_depth"])
     assert not metrics._ARMED  # 3 is not a multiple of 2
     step(3)
     assert metrics._ARMED and capsys.readouterr().out == ""
