@@ -1,13 +1,19 @@
-"""Pipeline-parallel step time of a small GPT: plain residual vs mHC, and memory with recompute.
+"""Pipeline-parallel step time of a small GPT: plain residual vs mHC (with and without the
+overlapped schedule), and memory with L_r recompute.
 
-    python3 benchmarks/bench_pipeline.py --pp 2      # two GPUs (device kind nvidia-h200-x2)
-    python3 benchmarks/bench_pipeline.py --pp 1      # one GPU: the PP=1 overhead and peak memory
+    python3 benchmarks/bench_pipeline.py --pp 2            # 1F1B on two GPUs (nvidia-h200-x2)
+    python3 benchmarks/bench_pipeline.py --pp 2 --vpp 2    # interleaved, 2 virtual stages per rank
+    python3 benchmarks/bench_pipeline.py --pp 1            # one GPU: the PP=1 overhead and memory
 
 A GPTModel (local spec, RMSNorm, SDPA attention, bf16; default 8 layers, C=2048, seq 4096,
 micro-batch 1, 8 micro-batches) trained through Megatron-Core's own schedules. mHC stages exchange
-[s, b, n*C] through Megatron's variable_seq_lengths mode, so the plain model is timed both with
-and without it. Step time is the median of timed iterations (CUDA events on rank 0, after a
-barrier); peak memory is each rank's max allocation during a step.
+[s, b, n*C]: with a patched Megatron tree first on PYTHONPATH (``megatron-mhc patch apply``) the
+schedules size them directly; with the unpatched package they go through variable_seq_lengths.
+Interleaved runs use Megatron's p2p overlap (its training default); ``overlap`` adds the
+high-priority stream for the MLP merges and, interleaved, the warm-up/flush p2p overlap. Step time
+is the median of timed iterations (CUDA events on rank 0, after a barrier); peak memory is each
+rank's max allocation during a step; the last column is the loss of the timed steps (the overlap
+must not change it).
 """
 
 from __future__ import annotations
@@ -25,29 +31,46 @@ from _specs import bf16_config, sdpa_gpt_layer_spec  # noqa: E402
 VOCAB = 32768
 
 
-def build_stage(args, mhc_config, variable_seq_lengths: bool):
+def build_stage(args, mhc_config):
+    """This rank's model chunks (one, or ``--vpp`` interleaved ones)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    from megatron_mhc.hooks import PIPELINE_STREAMS_ATTR, schedules_are_hooked
+
+    mhc = mhc_config is not None and not mhc_config.is_residual
+    interleaved = args.vpp is not None
+    overlap = mhc and mhc_config.overlap
     config = bf16_config(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         ffn_hidden_size=4 * args.hidden, pipeline_model_parallel_size=args.pp,
-        variable_seq_lengths=variable_seq_lengths, moe_token_dispatcher_type="alltoall",
+        virtual_pipeline_model_parallel_size=args.vpp,
+        variable_seq_lengths=args.pp > 1 and mhc and not schedules_are_hooked(),
+        overlap_p2p_comm=interleaved, batch_p2p_comm=not interleaved,
+        overlap_p2p_comm_warmup_flush=interleaved and overlap,
     )
-    return GPTModel(
-        config=config, transformer_layer_spec=sdpa_gpt_layer_spec(mhc_config),
-        vocab_size=VOCAB, max_sequence_length=args.seq, position_embedding_type="rope",
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    ).cuda()
+    if mhc:
+        setattr(config, PIPELINE_STREAMS_ATTR, mhc_config.n)  # as apply_mhc_to_spec does
+    chunks = []
+    for vp_stage in range(args.vpp or 1):
+        vp = vp_stage if interleaved else None
+        chunks.append(GPTModel(
+            config=config, transformer_layer_spec=sdpa_gpt_layer_spec(mhc_config),
+            vocab_size=VOCAB, max_sequence_length=args.seq, position_embedding_type="rope",
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp,
+        ).cuda())
+    return chunks
 
 
-def run_variant(args, name, mhc_config, variable_seq_lengths):
+def run_variant(args, name, mhc_config):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     torch.manual_seed(0)
-    model = build_stage(args, mhc_config, variable_seq_lengths)
-    optimizer_free_params = list(model.parameters())
+    chunks = build_stage(args, mhc_config)
+    model = chunks if args.vpp is not None else chunks[0]
+    optimizer_free_params = [p for chunk in chunks for p in chunk.parameters()]
     gen = torch.Generator(device="cuda").manual_seed(1)
     tokens = [torch.randint(0, VOCAB, (args.micro_batch, args.seq + 1), device="cuda",
                             generator=gen) for _ in range(args.microbatches)]
@@ -65,11 +88,15 @@ def run_variant(args, name, mhc_config, variable_seq_lengths):
         return output, loss_func
 
     schedule = get_forward_backward_func()
+    losses = []
 
     def step():
-        schedule(forward_step_func=forward_step, data_iterator=iter(tokens), model=model,
-                 num_microbatches=args.microbatches, seq_length=s,
-                 micro_batch_size=args.micro_batch, forward_only=False)
+        data = [iter(tokens) for _ in chunks] if args.vpp is not None else iter(tokens)
+        out = schedule(forward_step_func=forward_step, data_iterator=data, model=model,
+                       num_microbatches=args.microbatches, seq_length=s,
+                       micro_batch_size=args.micro_batch, forward_only=False)
+        if out:
+            losses.append(torch.stack([o["loss"] for o in out]).mean())
         for p in optimizer_free_params:
             p.grad = None
 
@@ -97,11 +124,14 @@ def run_variant(args, name, mhc_config, variable_seq_lengths):
         print(f"=== profile of one step: {name}")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18,
                                         max_name_column_width=70))
-    del model
+    del model, chunks
     torch.cuda.empty_cache()
     peaks = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(peaks, peak)
-    return name, sorted(times)[len(times) // 2], peaks
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, losses[-1].item() if losses else None)
+    loss = next(v for v in gathered if v is not None)
+    return name, sorted(times)[len(times) // 2], peaks, loss
 
 
 def worker(rank, args):
@@ -114,36 +144,44 @@ def worker(rank, args):
     os.environ.setdefault("MASTER_PORT", "29561")
     torch.cuda.set_device(rank)
     torch.distributed.init_process_group("nccl", rank=rank, world_size=args.pp)
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=args.pp)
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=args.pp,
+                                             virtual_pipeline_model_parallel_size=args.vpp)
     model_parallel_cuda_manual_seed(0)
+    from megatron_mhc.hooks import schedules_are_hooked
+
     n = args.n
-    variants = [("plain residual", None, False)]
-    if args.pp > 1:
-        variants.append(("plain residual, variable_seq_lengths", None, True))
-    variants.append((f"mHC n={n}, triton", MHCConfig(expansion_rate=n, kernel_backend="triton"),
-                     args.pp > 1))
-    variants.append((f"mHC n={n}, triton, recompute L_r=auto",
-                     MHCConfig(expansion_rate=n, kernel_backend="triton", recompute_block=0),
-                     args.pp > 1))
+    variants = [("plain residual", None)]
+    for label, extra in (("", {}), (", overlap", dict(overlap=True)),
+                         (", recompute L_r=auto", dict(recompute_block=0)),
+                         (", recompute L_r=auto, overlap", dict(recompute_block=0, overlap=True))):
+        variants.append((f"mHC n={n}, triton{label}",
+                         MHCConfig(expansion_rate=n, kernel_backend="triton", **extra)))
     results = [run_variant(args, *v) for v in variants]
     if rank == 0:
         base_ms, base_peaks = results[0][1], results[0][2]
-        print(f"device: {torch.cuda.get_device_name()} x{args.pp} | PP={args.pp}, {args.layers} "
-              f"layers, C={args.hidden}, seq {args.seq}, micro-batch {args.micro_batch}, "
-              f"{args.microbatches} micro-batches, bf16 | median of {args.iters} steps")
+        schedule = ("interleaved, VPP=%d" % args.vpp) if args.vpp else (
+            "1F1B" if args.pp > 1 else "no pipelining")
+        shapes = ("patched schedules (fixed n*C shapes)" if schedules_are_hooked()
+                  else "unpatched schedules (variable_seq_lengths)")
+        print(f"device: {torch.cuda.get_device_name()} x{args.pp} | PP={args.pp} {schedule}, "
+              f"{shapes} | {args.layers} layers, C={args.hidden}, seq {args.seq}, micro-batch "
+              f"{args.micro_batch}, {args.microbatches} micro-batches, bf16 | median of "
+              f"{args.iters} steps")
         print("| variant | step (ms) | overhead vs plain | peak memory per rank (GiB) "
-              "| memory vs plain (max rank) |")
-        print("|---|---|---|---|---|")
-        for name, ms, peaks in results:
+              "| memory vs plain (max rank) | loss |")
+        print("|---|---|---|---|---|---|")
+        for name, ms, peaks, loss in results:
             mem = ", ".join(f"{p / 2**30:.2f}" for p in peaks)
             print(f"| {name} | {ms:.1f} | {100 * (ms / base_ms - 1):+.1f}% | {mem} | "
-                  f"{max(peaks) / max(base_peaks):.2f}x |")
+                  f"{max(peaks) / max(base_peaks):.2f}x | {loss:.6f} |")
     torch.distributed.destroy_process_group()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--vpp", type=int, default=None,
+                        help="virtual pipeline stages per rank (interleaved schedule)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=16)
@@ -155,6 +193,11 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="also print a torch.profiler table of one step per variant")
     args = parser.parse_args(argv)
+    if args.vpp is not None and (args.pp < 2 or args.layers % (args.pp * args.vpp)
+                                 or args.microbatches % args.pp):
+        parser.error(f"--vpp {args.vpp} needs --pp >= 2, --layers divisible by pp*vpp and "
+                     f"--microbatches divisible by pp (got pp={args.pp}, layers={args.layers}, "
+                     f"microbatches={args.microbatches})")
     if torch.cuda.device_count() < args.pp:
         sys.exit(f"bench_pipeline.py --pp {args.pp} needs {args.pp} GPUs, "
                  f"{torch.cuda.device_count()} visible")

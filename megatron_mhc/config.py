@@ -27,6 +27,7 @@ FLAG_NAMES = {
     "norm_eps": "--mhc-norm-eps",
     "kernel_backend": "--mhc-kernel-backend",
     "recompute_block": "--mhc-recompute-block",
+    "overlap": "--mhc-overlap",
 }
 
 
@@ -54,6 +55,10 @@ class MHCConfig:
         kernel_backend: ``auto`` | ``torch`` | ``triton`` | ``tilelang``.
         recompute_block: L_r, layers per mHC recompute block (None: no mHC recompute; 0: choose
             the memory-optimal value automatically).
+        overlap: the overlapped schedule (``megatron_mhc.overlap``): each MLP sublayer's
+            post/residual merge runs on a high-priority CUDA stream, and with the interleaved
+            pipeline schedule Megatron's p2p overlap also covers the warm-up and flush phases.
+            False keeps Megatron's own behaviour.
     """
 
     expansion_rate: int = 4
@@ -65,6 +70,7 @@ class MHCConfig:
     norm_eps: float = 1e-6
     kernel_backend: str = "auto"
     recompute_block: Optional[int] = None
+    overlap: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -99,6 +105,8 @@ class MHCConfig:
             raise _bad(
                 "recompute_block", self.recompute_block, "None, 0 (automatic) or a positive integer"
             )
+        if not isinstance(self.overlap, bool):
+            raise _bad("overlap", self.overlap, "True or False")
 
     @property
     def n(self) -> int:

@@ -89,6 +89,12 @@ def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        dest="mhc_recompute_block",
                        help="Recompute mHC work in blocks of L_r layers: a positive integer or "
                             "'auto' (L_r* = round(sqrt(n L / (n + 2))) per pipeline stage).")
+    group.add_argument(FLAG_NAMES["overlap"], action="store_true", default=None,
+                       dest="mhc_overlap",
+                       help="The overlapped schedule: MLP post/residual merges on a high-priority "
+                            "CUDA stream; with the interleaved pipeline schedule also Megatron's "
+                            "p2p overlap in the warm-up and flush phases. Off: Megatron's own "
+                            "behaviour.")
     group.add_argument(LOG_INTERVAL_FLAG, type=int, default=None, dest="mhc_log_interval",
                        help="Log the H_res gain metrics every this many iterations (default: "
                             "--log-interval; 0 turns them off).")
@@ -143,11 +149,30 @@ def validate_mhc_args(args: Any) -> None:
             f"--hybrid-layer-pattern {pattern!r} has layer types not covered by mHC: "
             + ", ".join(f"{s!r} ({HYBRID_UNCOVERED_SYMBOLS[s]})" for s in uncovered)
             + "; allowed with --enable-mhc: '*' attention, 'D' DSA, '+' MLA, '-' MLP, 'E' MoE")
+    if getattr(args, "mhc_overlap", None):
+        problems.extend(_overlap_schedule_problems(args))
     interval = getattr(args, "mhc_log_interval", None)
     if interval is not None and interval < 0:
         problems.append(f"{LOG_INTERVAL_FLAG} {interval}: allowed 0 (off) or a positive integer")
     if problems:
         raise ValueError("megatron-mhc: " + "; ".join(problems))
+    if getattr(args, "mhc_overlap", None) and getattr(
+            args, "virtual_pipeline_model_parallel_size", None) is not None:
+        # The interleaved schedule's p2p overlap (on by default) then also covers the warm-up and
+        # flush phases, where the n-fold wider mHC activations are sent without compute to hide
+        # behind otherwise.
+        args.overlap_p2p_comm_warmup_flush = True
+
+
+def _overlap_schedule_problems(args: Any) -> list:
+    """What stops ``--mhc-overlap`` on this command line (empty when nothing)."""
+    if getattr(args, "virtual_pipeline_model_parallel_size", None) is None:
+        return []  # 1F1B has no p2p overlap in Megatron-Core 0.19; the stream part still applies
+    if not getattr(args, "overlap_p2p_comm", True):
+        return [f"{FLAG_NAMES['overlap']} with the interleaved pipeline schedule needs Megatron's "
+                "p2p overlap: drop --no-overlap-p2p-communication (or drop "
+                f"{FLAG_NAMES['overlap']})"]
+    return []
 
 
 def apply_mhc_to_spec(spec: Any, args: Any, config: Any) -> Any:

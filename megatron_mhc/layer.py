@@ -30,6 +30,7 @@ from megatron_mhc.backends import resolve_backend
 from megatron_mhc.config import MHCConfig
 from megatron_mhc.hyper_connection import HyperConnection
 from megatron_mhc.ops import get_backend_ops
+from megatron_mhc.overlap import run_on_high_priority_stream
 from megatron_mhc.recompute import REGISTRY, optimal_recompute_block, saved_stream_hooks
 
 
@@ -176,7 +177,8 @@ class MHCLayerMixin:
                                         lambda a: self._forward_attention(a, *args, **kwargs))
         if self.has_mlp:
             x, _ = self._sublayer(self.mlp_hc, x, recompute,
-                                  lambda a: (self._forward_mlp(a, **mlp_kwargs), None))
+                                  lambda a: (self._forward_mlp(a, **mlp_kwargs), None),
+                                  high_priority=self.mhc_config.overlap)
         if block_input is not None:
             REGISTRY.drop(block_input)
 
@@ -190,15 +192,20 @@ class MHCLayerMixin:
         return out, context
 
 
-    def _sublayer(self, hc: HyperConnection, x: Tensor, recompute: bool, run_sublayer):
+    def _sublayer(self, hc: HyperConnection, x: Tensor, recompute: bool, run_sublayer,
+                  high_priority: bool = False):
         """``H_res x + H_post^T F(H_pre x)`` for one sublayer; with recompute, the stream x is
-        saved as a token and its successor registered to be rebuilt in the backward."""
+        saved as a token and its successor registered to be rebuilt in the backward. With
+        ``high_priority`` the merge runs on the high-priority stream (``megatron_mhc.overlap``)."""
         mhc_ops_context = saved_stream_hooks if recompute else contextlib.nullcontext
         with mhc_ops_context():
             aggregate, h_post, h_res = hc.enter(x)
         y, context = run_sublayer(aggregate)
         with mhc_ops_context():
-            out = hc.merge(x, y, h_post, h_res)
+            if high_priority:
+                out = run_on_high_priority_stream(hc.merge, x, y, h_post, h_res)
+            else:
+                out = hc.merge(x, y, h_post, h_res)
         if recompute:
             y_saved, hp_saved, hr_saved = y.detach(), h_post.detach(), h_res.detach()
             REGISTRY.add_merged(

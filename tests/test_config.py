@@ -20,6 +20,7 @@ from megatron_mhc.config import FLAG_NAMES, MHCConfig
         (dict(norm_eps=0.0), "--mhc-norm-eps", "(0, 1)"),
         (dict(kernel_backend="cuda"), "--mhc-kernel-backend", "auto, torch, triton, tilelang"),
         (dict(recompute_block=-1), "--mhc-recompute-block", "positive integer"),
+        (dict(overlap="yes"), "--mhc-overlap", "True or False"),
     ],
 )
 def test_bad_values_name_flag_and_allowed(kwargs, flag, allowed):

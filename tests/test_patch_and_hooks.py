@@ -194,8 +194,28 @@ def test_flags_build_the_config():
     assert hooks.mhc_config_from_args(_parse([])) is None
 
 
+def test_overlap_flag_turns_on_megatrons_warmup_flush_p2p_overlap_with_vpp():
+    args = _parse(["--enable-mhc", "--mhc-overlap"])
+    args.virtual_pipeline_model_parallel_size, args.overlap_p2p_comm = None, False  # 1F1B
+    args.overlap_p2p_comm_warmup_flush = False
+    hooks.validate_mhc_args(args)
+    assert hooks.mhc_config_from_args(args).overlap is True
+    assert args.overlap_p2p_comm_warmup_flush is False  # no p2p overlap in Megatron's 1F1B
+    args.virtual_pipeline_model_parallel_size, args.overlap_p2p_comm = 2, True  # interleaved
+    hooks.validate_mhc_args(args)
+    assert args.overlap_p2p_comm_warmup_flush is True
+    assert hooks.mhc_config_from_args(_parse(["--enable-mhc"])).overlap is False
+    refused = _parse(["--enable-mhc", "--mhc-overlap", "--mhc-log-interval", "-1"])
+    refused.virtual_pipeline_model_parallel_size, refused.overlap_p2p_comm = 2, False
+    refused.overlap_p2p_comm_warmup_flush = False
+    with pytest.raises(ValueError, match="--mhc-overlap .*--no-overlap-p2p-communication"):
+        hooks.validate_mhc_args(refused)
+    assert refused.overlap_p2p_comm_warmup_flush is False  # nothing changed on error
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--mhc-expansion-rate", "4"], "--mhc-expansion-rate given without --enable-mhc"),
+    (["--mhc-overlap"], "--mhc-overlap given without --enable-mhc"),
     (["--enable-mhc", "--mhc-expansion-rate", "1"], "--mhc-expansion-rate.*2..16"),
     (["--enable-mhc", "--mhc-gate-init", "-1"], "--mhc-gate-init"),
     (["--enable-mhc", "--cuda-graph-impl", "local"], "--cuda-graph-impl"),
