@@ -37,3 +37,18 @@ def bf16_config(**kwargs):
     )
     base.update(kwargs)
     return TransformerConfig(**base)
+
+
+def init_single_gpu(port: str = "29533") -> None:
+    """One-process NCCL group and Megatron model-parallel state on GPU 0 (seeded)."""
+    import os
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", port)
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)

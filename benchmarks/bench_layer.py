@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _specs import bf16_config, sdpa_gpt_layer_spec  # noqa: E402
+from _specs import bf16_config, init_single_gpu, sdpa_gpt_layer_spec  # noqa: E402
 
 
 def build_block(args, variant: str, backend: str, recompute_block=None):
@@ -94,15 +94,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_layer.py needs a CUDA GPU")
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
+    init_single_gpu()
 
     variants = [("plain residual", "plain", "torch", None)] + [
         (f"mHC n={args.n}, {backend} ops", "mhc", backend, None)

@@ -48,6 +48,7 @@ def build_stage(args, mhc_config):
         variable_seq_lengths=args.pp > 1 and mhc and not schedules_are_hooked(),
         overlap_p2p_comm=interleaved, batch_p2p_comm=not interleaved,
         overlap_p2p_comm_warmup_flush=interleaved and overlap,
+        deallocate_pipeline_outputs=True,  # as Megatron's training loop sets it
     )
     if mhc:
         setattr(config, PIPELINE_STREAMS_ATTR, mhc_config.n)  # as apply_mhc_to_spec does
@@ -66,8 +67,10 @@ def build_stage(args, mhc_config):
 
 def run_variant(args, name, mhc_config):
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)  # same weights for every variant of one model type
     chunks = build_stage(args, mhc_config)
     model = chunks if args.vpp is not None else chunks[0]
     optimizer_free_params = [p for chunk in chunks for p in chunk.parameters()]

@@ -1,0 +1,166 @@
+"""Host (CPU) time per call of the mHC pieces, against the GPU time they launch (GPU).
+
+    python3 benchmarks/bench_host_overhead.py [--tokens 256] [--hidden 2048] [--layers 4]
+
+A step is host-bound when the CPU needs longer to issue its kernels than the GPU needs to run
+them. With few tokens the GPU work is tiny, so the wall time per call is the host time: the
+Python, autograd and kernel-launch cost of each piece. Rows: an empty Triton kernel launch and a
+torch op (the launch floors), the fused entry / merge ops forward and forward + backward, and a
+block of ``--layers`` GPT layers plain vs mHC (forward + backward). The "host / GPU" column is the
+host time over the GPU time the same call takes at ``--gpu-tokens`` tokens (the size of a real
+micro-batch): above 1 that piece is host-bound there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _specs import bf16_config, init_single_gpu, sdpa_gpt_layer_spec  # noqa: E402
+
+
+def host_us(fn, iters: int = 200) -> float:
+    """Mean wall time per call in microseconds (GPU work small enough to hide behind the host)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def gpu_us(fn, iters: int = 20) -> float:
+    """GPU time per call in microseconds (CUDA events around a batch of calls)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3
+
+
+def op_cases(tokens: int, hidden: int, n: int):
+    """(name, fn) pairs for the single ops at ``tokens`` tokens."""
+    import triton
+    import triton.language as tl
+
+    from megatron_mhc.kernels import triton_ops
+
+    @triton.jit
+    def _noop(a, b, c, d, e, f, g, h, N: tl.constexpr):
+        pass
+
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(tokens, n, hidden, device=dev, dtype=dt, requires_grad=True)
+    y = torch.randn(tokens, hidden, device=dev, dtype=dt, requires_grad=True)
+    phi = (0.02 * torch.randn(n * hidden, n * n + 2 * n, device=dev, dtype=dt)).requires_grad_()
+    alpha = torch.full((3,), 0.01, device=dev, dtype=dt, requires_grad=True)
+    bias = torch.zeros(n * n + 2 * n, device=dev, dtype=dt, requires_grad=True)
+    small = torch.empty(8, device=dev)
+
+    def noop_launch():
+        _noop[(1,)](small, small, small, small, small, small, small, small, N=4)
+
+    def torch_op():
+        small.add_(1.0)
+
+    def entry_fwd():
+        with torch.no_grad():
+            triton_ops.enter(x, phi, alpha, bias)
+
+    def merge_fwd():
+        with torch.no_grad():
+            agg, hp, hr = triton_ops.enter(x, phi, alpha, bias)
+        triton_ops.post_res_merge(x.detach(), y.detach(), hp, hr)
+
+    def sublayer_fwd_bwd():
+        agg, hp, hr = triton_ops.enter(x, phi, alpha, bias)
+        out = triton_ops.post_res_merge(x, agg + y, hp, hr)
+        out.sum().backward()
+
+    def residual_fwd_bwd():
+        out = x + y.unsqueeze(1)
+        out.sum().backward()
+
+    return [
+        ("empty Triton kernel launch (8 args)", noop_launch),
+        ("one torch op (in-place add)", torch_op),
+        ("mHC entry op (mappings + pre-apply), forward", entry_fwd),
+        ("mHC entry + post/res merge, forward", merge_fwd),
+        ("mHC sublayer ops, forward + backward (autograd)", sublayer_fwd_bwd),
+        ("plain residual add, forward + backward (autograd)", residual_fwd_bwd),
+    ]
+
+
+def block_cases(tokens: int, args):
+    """Forward + backward of a block of GPT layers, plain and mHC."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_mhc import MHCConfig
+
+    cases = []
+    for name, mhc in (("plain", None), ("mHC n=%d triton" % args.n,
+                                        MHCConfig(expansion_rate=args.n, kernel_backend="triton"))):
+        config = bf16_config(num_layers=args.layers, hidden_size=args.hidden,
+                             num_attention_heads=args.heads, ffn_hidden_size=4 * args.hidden)
+        torch.manual_seed(0)
+        block = TransformerBlock(config, sdpa_gpt_layer_spec(mhc)).cuda()
+        x = torch.randn(tokens, 1, args.hidden, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True)
+
+        def step(block=block, x=x):
+            block(hidden_states=x, attention_mask=None).sum().backward()
+            x.grad = None
+            for p in block.parameters():
+                p.grad = None
+
+        cases.append((f"{args.layers} GPT layers {name}, forward + backward", step))
+    return cases
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=256, help="tokens for the host timing")
+    parser.add_argument("--gpu-tokens", type=int, default=4096,
+                        help="tokens for the GPU timing (a real micro-batch)")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the CPU-side torch.profiler table of the mHC block step")
+    args = parser.parse_args(argv)
+    init_single_gpu()
+    print(f"device: {torch.cuda.get_device_name()} | C={args.hidden}, n={args.n}, bf16 | host time "
+          f"at {args.tokens} tokens, GPU time at {args.gpu_tokens} tokens (microseconds per call)")
+    print("| piece | host time (us) | GPU time at real size (us) | host / GPU |")
+    print("|---|---|---|---|")
+    host = dict(op_cases(args.tokens, args.hidden, args.n) + block_cases(args.tokens, args))
+    gpu = dict(op_cases(args.gpu_tokens, args.hidden, args.n) + block_cases(args.gpu_tokens, args))
+    for name, fn in host.items():
+        h = host_us(fn, iters=50 if "layers" in name else 200)
+        g = gpu_us(gpu[name])
+        print(f"| {name} | {h:.1f} | {g:.1f} | {h / g:.2f} |")
+    if args.profile:
+        step = host[f"{args.layers} GPT layers mHC n={args.n} triton, forward + backward"]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
+                                        max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
