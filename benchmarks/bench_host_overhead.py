@@ -6,9 +6,9 @@ A step is host-bound when the CPU needs longer to issue its kernels than the GPU
 them. With few tokens the GPU work is tiny, so the wall time per call is the host time: the
 Python, autograd and kernel-launch cost of each piece. Rows: an empty Triton kernel launch and a
 torch op (the launch floors), the fused entry / merge ops forward and forward + backward, and a
-block of ``--layers`` GPT layers plain vs mHC (forward + backward). The "host / GPU" column is the
-host time over the GPU time the same call takes at ``--gpu-tokens`` tokens (the size of a real
-micro-batch): above 1 that piece is host-bound there.
+block of ``--layers`` GPT layers plain vs mHC (forward + backward). The GPU time is taken at
+``--gpu-tokens`` tokens (a real micro-batch) with the launches queued behind a sleep kernel, so
+it is the GPU's work alone; "host / GPU" above 1 means that piece is host-bound at that size.
 """
 
 from __future__ import annotations
@@ -19,9 +19,16 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _specs import bf16_config, init_single_gpu, sdpa_gpt_layer_spec  # noqa: E402
+
+
+@triton.jit
+def _noop(a, b, c, d, e, f, g, h, N: tl.constexpr):
+    pass
 
 
 def host_us(fn, iters: int = 200) -> float:
@@ -36,12 +43,14 @@ def host_us(fn, iters: int = 200) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
-def gpu_us(fn, iters: int = 20) -> float:
-    """GPU time per call in microseconds (CUDA events around a batch of calls)."""
+def gpu_us(fn, host_us_per_call: float, iters: int) -> float:
+    """GPU time per call in microseconds: a sleep kernel holds the GPU while the host queues
+    ``iters`` calls, so the events around them time the GPU work alone, not the launch gaps."""
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
+    torch.cuda._sleep(int(host_us_per_call * iters * 1.5 * 2000))  # ~2 GHz: cycles per us
     start.record()
     for _ in range(iters):
         fn()
@@ -52,14 +61,7 @@ def gpu_us(fn, iters: int = 20) -> float:
 
 def op_cases(tokens: int, hidden: int, n: int):
     """(name, fn) pairs for the single ops at ``tokens`` tokens."""
-    import triton
-    import triton.language as tl
-
     from megatron_mhc.kernels import triton_ops
-
-    @triton.jit
-    def _noop(a, b, c, d, e, f, g, h, N: tl.constexpr):
-        pass
 
     dev, dt = "cuda", torch.bfloat16
     x = torch.randn(tokens, n, hidden, device=dev, dtype=dt, requires_grad=True)
@@ -149,8 +151,10 @@ def main(argv=None):
     host = dict(op_cases(args.tokens, args.hidden, args.n) + block_cases(args.tokens, args))
     gpu = dict(op_cases(args.gpu_tokens, args.hidden, args.n) + block_cases(args.gpu_tokens, args))
     for name, fn in host.items():
-        h = host_us(fn, iters=50 if "layers" in name else 200)
-        g = gpu_us(gpu[name])
+        block = "layers" in name
+        h = host_us(fn, iters=50 if block else 200)
+        big = host_us(gpu[name], iters=10)  # host time at the real size, to size the sleep
+        g = gpu_us(gpu[name], big, iters=2 if block else 20)
         print(f"| {name} | {h:.1f} | {g:.1f} | {h / g:.2f} |")
     if args.profile:
         step = host[f"{args.layers} GPT layers mHC n={args.n} triton, forward + backward"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 from megatron_mhc.kernels import triton_kernels as K
 from megatron_mhc.ops import reference
@@ -22,8 +21,25 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Plain-Python launch arithmetic: triton.cdiv / triton.next_power_of_2 are constexpr-function
+# wrappers costing several microseconds of host time per call, and every op makes several.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(value: int, minimum: int = 1) -> int:
-    return max(minimum, triton.next_power_of_2(value))
+    return max(minimum, 1 << (value - 1).bit_length())
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 tensor, without a dispatcher call when it already is one."""
+    if t.dtype is torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _check(x: torch.Tensor, name: str) -> None:
@@ -39,27 +55,27 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
     """Launch the projection and mapping kernels; returns the tensors the backward needs too."""
     n, c = x.shape[-2], x.shape[-1]
     kdim, m = n * c, n * n + 2 * n
-    x2 = x.reshape(-1, kdim).contiguous()
+    x2 = _contig(x.reshape(-1, kdim))
     t = x2.shape[0]
     # Parameters go to the kernels in their own dtype (the kernels compute in float32), so no
     # cast kernels run per call; only a 16-bit projection with a different-dtype phi casts it.
-    phi_c = phi.contiguous()  # saved for the backward
+    phi_c = _contig(phi)  # saved for the backward
     if x2.dtype == torch.float32:
         dot_mode, phi_dot = 1, phi_c
     elif _INTERPRET:
         dot_mode, phi_dot = 2, phi_c
     else:
         dot_mode, phi_dot = 0, phi_c if phi_c.dtype == x2.dtype else phi_c.to(x2.dtype)
-    alpha_f = alpha.contiguous()
-    bias_f = bias.contiguous()
+    alpha_f = _contig(alpha)
+    bias_f = _contig(bias)
     dev = x2.device
     bt, bk = 64, 128
-    split = max(1, min(16, triton.cdiv(kdim, 2048)))
-    k_per_split = triton.cdiv(triton.cdiv(kdim, split), bk) * bk
-    split = triton.cdiv(kdim, k_per_split)
+    split = max(1, min(16, _cdiv(kdim, 2048)))
+    k_per_split = _cdiv(_cdiv(kdim, split), bk) * bk
+    split = _cdiv(kdim, k_per_split)
     proj_part = torch.empty(split, t, m, device=dev, dtype=torch.float32)
     ss_part = torch.empty(split, t, device=dev, dtype=torch.float32)
-    K.proj_partial_kernel[(triton.cdiv(t, bt), split)](
+    K.proj_partial_kernel[(_cdiv(t, bt), split)](
         x2, phi_dot, proj_part, ss_part, t, kdim, k_per_split,
         M=m, BM=_pow2(m, 16), BT=bt, BK=bk, DOT_MODE=dot_mode, num_warps=8, num_stages=3,
     )
@@ -69,7 +85,7 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
     h_post = torch.empty(t, n, device=dev, dtype=torch.float32)
     h_res = torch.empty(t, n, n, device=dev, dtype=torch.float32)
     bt2 = 16
-    K.mappings_fwd_kernel[(triton.cdiv(t, bt2),)](
+    K.mappings_fwd_kernel[(_cdiv(t, bt2),)](
         proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res, t, kdim, eps,
         SPLIT=split, N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc,
         ITERS=iters, BT=bt2, num_warps=4,
@@ -94,19 +110,19 @@ def _mappings_backward(saved, n, variant_mhc, iters, dh_pre, dh_post, dh_res, d_
     scratch = torch.empty(t, 2 * iters * np_ if variant_mhc else 1, device=dev,
                           dtype=torch.float32)
     bt = 16
-    K.mappings_bwd_kernel[(triton.cdiv(t, bt),)](
+    K.mappings_bwd_kernel[(_cdiv(t, bt),)](
         proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
         dproj, coef, dalpha_t, dbias_t, scratch, t, kdim,
         N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=4,
     )
     dx = torch.empty_like(x2)
     # T-splits of whole 128-row chunks (every autotuned BT divides 128), for parallelism.
-    splits = max(1, min(8, triton.cdiv(t, 512)))
-    rows_per_split = triton.cdiv(triton.cdiv(t, splits), 128) * 128
-    splits = triton.cdiv(t, rows_per_split)
+    splits = max(1, min(8, _cdiv(t, 512)))
+    rows_per_split = _cdiv(_cdiv(t, splits), 128) * 128
+    splits = _cdiv(t, rows_per_split)
     dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
     with_pre = d_agg is not None
-    K.norm_proj_bwd_kernel[lambda meta: (triton.cdiv(kdim, meta["BK"]), splits)](
+    K.norm_proj_bwd_kernel[lambda meta: (_cdiv(kdim, meta["BK"]), splits)](
         x2, phi_c, dproj, coef, dx, dphi_part,
         h_pre if with_pre else coef, d_agg if with_pre else coef,
         t, kdim, c, rows_per_split,
@@ -118,7 +134,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, dh_pre, dh_post, dh_res, d_
 def _grad_f32(g, shape, device):
     if g is None:
         return torch.zeros(shape, device=device, dtype=torch.float32)
-    return g.reshape(shape).to(torch.float32).contiguous()
+    return _f32(g.reshape(shape))
 
 
 class _MappingsFunction(torch.autograd.Function):
@@ -159,7 +175,7 @@ class _EntryFunction(torch.autograd.Function):
         t = x2.shape[0]
         agg = torch.empty(t, c, device=x.device, dtype=x.dtype)
         bt, bc = 4, 512
-        K.pre_apply_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+        K.pre_apply_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
             x2, h_pre, agg, t, c, N=n, BT=bt, BC=bc, num_warps=4)
         ctx.save_for_backward(*saved, h_pre)
         ctx.meta = (lead, n, c, variant_mhc, iters, phi.dtype, alpha.dtype, bias.dtype)
@@ -173,10 +189,10 @@ class _EntryFunction(torch.autograd.Function):
         t, dev = x2.shape[0], x2.device
         if d_agg is None:
             d_agg = torch.zeros(t, c, device=dev, dtype=x2.dtype)
-        d_agg = d_agg.reshape(t, c).contiguous()
+        d_agg = _contig(d_agg.reshape(t, c))
         dh_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
         bt, bc = 2, 512
-        K.pre_apply_bwd_kernel[(triton.cdiv(t, bt),)](
+        K.pre_apply_bwd_kernel[(_cdiv(t, bt),)](
             x2, h_pre, d_agg, x2, dh_pre, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
             WRITE_DX=False, num_warps=4)
         dx, dphi, dalpha, dbias = _mappings_backward(
@@ -219,12 +235,12 @@ class _PreApplyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h_pre):
         lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-        x3 = x.reshape(-1, n, c).contiguous()
-        h = h_pre.reshape(-1, n).to(torch.float32).contiguous()
+        x3 = _contig(x.reshape(-1, n, c))
+        h = _f32(h_pre.reshape(-1, n))
         t = x3.shape[0]
         out = torch.empty(t, c, device=x.device, dtype=x.dtype)
         bt, bc = 4, 512
-        K.pre_apply_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+        K.pre_apply_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
             x3, h, out, t, c, N=n, BT=bt, BC=bc, num_warps=4)
         ctx.save_for_backward(x3, h)
         ctx.meta = (lead, h_pre.dtype)
@@ -235,11 +251,11 @@ class _PreApplyFunction(torch.autograd.Function):
         x3, h = ctx.saved_tensors
         lead, h_dtype = ctx.meta
         t, n, c = x3.shape
-        d = dout.reshape(t, c).contiguous()
+        d = _contig(dout.reshape(t, c))
         dx = torch.empty_like(x3)
         dh = torch.empty(t, n, device=x3.device, dtype=torch.float32)
         bt, bc = 2, 512
-        K.pre_apply_bwd_kernel[(triton.cdiv(t, bt),)](
+        K.pre_apply_bwd_kernel[(_cdiv(t, bt),)](
             x3, h, d, dx, dh, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, WRITE_DX=True, num_warps=4)
         return dx.view(*lead, n, c), dh.view(*lead, n).to(h_dtype)
 
@@ -257,14 +273,14 @@ class _PostResFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, h_post, h_res):
         lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-        x3 = x.reshape(-1, n, c).contiguous()
+        x3 = _contig(x.reshape(-1, n, c))
         t = x3.shape[0]
-        y2 = y.reshape(t, c).contiguous()
-        hp = h_post.reshape(t, n).to(torch.float32).contiguous()
-        hr = h_res.reshape(t, n, n).to(torch.float32).contiguous()
+        y2 = _contig(y.reshape(t, c))
+        hp = _f32(h_post.reshape(t, n))
+        hr = _f32(h_res.reshape(t, n, n))
         out = torch.empty_like(x3)
         bt, bc = 2, 512
-        K.post_res_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+        K.post_res_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
             x3, y2, hp, hr, out, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
         ctx.save_for_backward(x3, y2, hp, hr)
         ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
@@ -275,14 +291,14 @@ class _PostResFunction(torch.autograd.Function):
         x3, y2, hp, hr = ctx.saved_tensors
         lead, y_dtype, hp_dtype, hr_dtype = ctx.meta
         t, n, c = x3.shape
-        d = dout.reshape(t, n, c).contiguous()
+        d = _contig(dout.reshape(t, n, c))
         dx = torch.empty_like(x3)
         dy = torch.empty(t, c, device=x3.device, dtype=y_dtype)
         bt, bc = 2, 512
-        cb = triton.cdiv(c, bc)
+        cb = _cdiv(c, bc)
         dhp_part = torch.empty(t, cb, n, device=x3.device, dtype=torch.float32)
         dhr_part = torch.empty(t, cb, n, n, device=x3.device, dtype=torch.float32)
-        K.post_res_bwd_kernel[(triton.cdiv(t, bt), cb)](
+        K.post_res_bwd_kernel[(_cdiv(t, bt), cb)](
             x3, y2, hp, hr, d, dx, dy, dhp_part, dhr_part, t, c, cb, N=n, NP=_pow2(n), BT=bt,
             BC=bc, num_warps=4)
         dhp = dhp_part.sum(1)
