@@ -9,8 +9,9 @@ A GPTModel (local spec, RMSNorm, SDPA attention, bf16; default 8 layers, C=2048,
 micro-batch 1, 8 micro-batches) trained through Megatron-Core's own schedules. mHC stages exchange
 [s, b, n*C]: with a patched Megatron tree first on PYTHONPATH (``megatron-mhc patch apply``) the
 schedules size them directly; with the unpatched package they go through variable_seq_lengths.
-Interleaved runs use Megatron's p2p overlap (its training default); ``overlap`` adds the
-high-priority stream for the MLP merges and, interleaved, the warm-up/flush p2p overlap. Step time
+Interleaved runs use Megatron's p2p overlap (its training default); ``overlap`` (``--mhc-overlap``)
+adds the high-priority stream for the MLP merges and, with 1F1B, turns off the host
+synchronisation after each batched p2p (interleaved: the warm-up/flush p2p overlap). Step time
 is the median of timed iterations (CUDA events on rank 0, after a barrier); peak memory is each
 rank's max allocation during a step; the last column is the loss of the timed steps (the overlap
 must not change it).
@@ -31,7 +32,7 @@ from _specs import bf16_config, sdpa_gpt_layer_spec  # noqa: E402
 VOCAB = 32768
 
 
-def build_stage(args, mhc_config):
+def build_stage(args, mhc_config, p2p_sync=True):
     """This rank's model chunks (one, or ``--vpp`` interleaved ones)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -47,6 +48,9 @@ def build_stage(args, mhc_config):
         virtual_pipeline_model_parallel_size=args.vpp,
         variable_seq_lengths=args.pp > 1 and mhc and not schedules_are_hooked(),
         overlap_p2p_comm=interleaved, batch_p2p_comm=not interleaved,
+        # What --mhc-overlap sets (megatron_mhc.hooks.apply_mhc_to_spec): no host sync after each
+        # batched p2p, so the host queues the next micro-batch while the activations travel.
+        batch_p2p_sync=p2p_sync and not overlap,
         overlap_p2p_comm_warmup_flush=interleaved and overlap,
         deallocate_pipeline_outputs=True,  # as Megatron's training loop sets it
     )
@@ -65,13 +69,13 @@ def build_stage(args, mhc_config):
     return chunks
 
 
-def run_variant(args, name, mhc_config):
+def run_variant(args, name, mhc_config, p2p_sync=True):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)  # same weights for every variant of one model type
-    chunks = build_stage(args, mhc_config)
+    chunks = build_stage(args, mhc_config, p2p_sync)
     model = chunks if args.vpp is not None else chunks[0]
     optimizer_free_params = [p for chunk in chunks for p in chunk.parameters()]
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -154,11 +158,16 @@ def worker(rank, args):
 
     n = args.n
     variants = [("plain residual", None)]
+    if args.pp > 1 and args.vpp is None:
+        variants.append(("plain residual, no p2p host sync", None, False))
     for label, extra in (("", {}), (", overlap", dict(overlap=True)),
                          (", recompute L_r=auto", dict(recompute_block=0)),
                          (", recompute L_r=auto, overlap", dict(recompute_block=0, overlap=True))):
         variants.append((f"mHC n={n}, triton{label}",
                          MHCConfig(expansion_rate=n, kernel_backend="triton", **extra)))
+    if args.pp > 1 and args.vpp is None:
+        variants.insert(3, (f"mHC n={n}, triton, no p2p host sync (stream part off)",
+                            MHCConfig(expansion_rate=n, kernel_backend="triton"), False))
     results = [run_variant(args, *v) for v in variants]
     if rank == 0:
         base_ms, base_peaks = results[0][1], results[0][2]

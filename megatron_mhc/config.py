@@ -56,9 +56,10 @@ class MHCConfig:
         recompute_block: L_r, layers per mHC recompute block (None: no mHC recompute; 0: choose
             the memory-optimal value automatically).
         overlap: the overlapped schedule (``megatron_mhc.overlap``): each MLP sublayer's
-            post/residual merge runs on a high-priority CUDA stream, and with the interleaved
-            pipeline schedule Megatron's p2p overlap also covers the warm-up and flush phases.
-            False keeps Megatron's own behaviour.
+            post/residual merge runs on a high-priority CUDA stream; through ``--mhc-overlap``
+            (``megatron_mhc.hooks``) the 1F1B schedule also stops synchronising the host after
+            every stage-to-stage transfer (``batch_p2p_sync``), and the interleaved schedule's
+            p2p overlap covers the warm-up and flush phases. False keeps Megatron's behaviour.
     """
 
     expansion_rate: int = 4

@@ -92,9 +92,10 @@ def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(FLAG_NAMES["overlap"], action="store_true", default=None,
                        dest="mhc_overlap",
                        help="The overlapped schedule: MLP post/residual merges on a high-priority "
-                            "CUDA stream; with the interleaved pipeline schedule also Megatron's "
-                            "p2p overlap in the warm-up and flush phases. Off: Megatron's own "
-                            "behaviour.")
+                            "CUDA stream; 1F1B pipelining without the host synchronisation after "
+                            "each stage-to-stage transfer; interleaved pipelining with Megatron's "
+                            "p2p overlap in the warm-up and flush phases too. Off: Megatron's "
+                            "own behaviour.")
     group.add_argument(LOG_INTERVAL_FLAG, type=int, default=None, dest="mhc_log_interval",
                        help="Log the H_res gain metrics every this many iterations (default: "
                             "--log-interval; 0 turns them off).")
@@ -180,7 +181,8 @@ def apply_mhc_to_spec(spec: Any, args: Any, config: Any) -> Any:
 
     Accepts what Megatron's builders produce: a layer ``ModuleSpec``, a block spec
     (``TransformerBlockSubmodules``, e.g. for MoE) or a ``HybridModel`` stack spec. Marks ``config``
-    with the stream count so the patched pipeline schedules size stage-to-stage tensors n*C wide.
+    with the stream count so the patched pipeline schedules size stage-to-stage tensors n*C wide;
+    with ``--mhc-overlap`` also sets ``config.batch_p2p_sync = False``.
     ``args`` None: Megatron's global args (``megatron.training.get_args()``).
     """
     if args is None:
@@ -194,6 +196,11 @@ def apply_mhc_to_spec(spec: Any, args: Any, config: Any) -> Any:
 
     wrapped = with_mhc_any(spec, mhc_config)
     setattr(config, PIPELINE_STREAMS_ATTR, mhc_config.n)
+    if mhc_config.overlap:
+        # 1F1B sends through batched p2p followed by torch.cuda.synchronize() (a workaround for
+        # an old PyTorch bug; Megatron has no flag for it): without it the host queues the next
+        # micro-batch's kernels while the n-fold wider activations are in flight.
+        config.batch_p2p_sync = False
     return wrapped
 
 

@@ -205,6 +205,14 @@ def test_overlap_flag_turns_on_megatrons_warmup_flush_p2p_overlap_with_vpp():
     hooks.validate_mhc_args(args)
     assert args.overlap_p2p_comm_warmup_flush is True
     assert hooks.mhc_config_from_args(_parse(["--enable-mhc"])).overlap is False
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = argparse.Namespace(hidden_size=16, batch_p2p_sync=True)
+    hooks.apply_mhc_to_spec(get_gpt_layer_local_spec(), args, config)
+    assert config.batch_p2p_sync is False  # 1F1B: no host sync after each p2p
+    config = argparse.Namespace(hidden_size=16, batch_p2p_sync=True)
+    hooks.apply_mhc_to_spec(get_gpt_layer_local_spec(), _parse(["--enable-mhc"]), config)
+    assert config.batch_p2p_sync is True  # without --mhc-overlap: Megatron's behaviour
     refused = _parse(["--enable-mhc", "--mhc-overlap", "--mhc-log-interval", "-1"])
     refused.virtual_pipeline_model_parallel_size, refused.overlap_p2p_comm = 2, False
     refused.overlap_p2p_comm_warmup_flush = False
