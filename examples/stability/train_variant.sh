@@ -5,9 +5,10 @@
 #   python tools/prepare_corpus.py --out data/corpus                   # once
 #   MEGATRON_LM=/path/to/patched/Megatron-LM bash examples/stability/train_variant.sh mhc
 #
-# VARIANT: residual (plain Megatron, no mHC code) | hc | mhc. Checkpoints every 250 iterations to
-# runs/stability/<variant>/ckpt and resumes from there, so a run can be split across calls
-# (EXIT_MINUTES, default 9, stops cleanly with a checkpoint). Logs: runs/stability/<variant>/
+# VARIANT: residual (plain Megatron, no mHC code) | hc | mhc. Environment: SEED (1234; also the data
+# order), LR (peak learning rate, 1e-3; cosine to LR/10), ITERS (600), DATA, RUN_DIR, PYTHON.
+# Checkpoints every 200 iterations to runs/stability/<variant>/ckpt and resumes from there, so a
+# run can be split across calls (EXIT_MINUTES, default 9, stops cleanly with a checkpoint). Logs: runs/stability/<variant>/
 # (train.log with loss, grad norm and `[mhc]` gain lines every 25 iterations, gains.jsonl with the
 # per-sublayer and by-depth composite gains, TensorBoard if installed).
 set -euo pipefail
@@ -41,7 +42,7 @@ $PYTHON -m torch.distributed.run --standalone --nproc-per-node 1 "$MEGATRON_LM/p
     --no-gradient-accumulation-fusion --no-persist-layer-norm --no-masked-softmax-fusion \
     --hidden-dropout 0 --attention-dropout 0 --bf16 --seed "${SEED:-1234}" \
     --micro-batch-size 8 --global-batch-size 16 --train-iters "$ITERS" \
-    --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 50 \
+    --lr "${LR:-1e-3}" --min-lr "$(awk "BEGIN { print ${LR:-1e-3} / 10 }")" --lr-decay-style cosine --lr-warmup-iters 50 \
     --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95 --init-method-std 0.02 \
     --train-data-path "$DATA/corpus_train_text_document" \
     --valid-data-path "$DATA/corpus_valid_text_document" \
