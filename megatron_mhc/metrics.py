@@ -15,7 +15,7 @@ each stage's layers and the logged value is the max over stages (the full produc
 from __future__ import annotations
 
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -102,22 +102,16 @@ def after_train_step(model, iteration: int) -> None:
     if _ARMED:
         gains = collect_gains(2 * args.num_layers)
         disarm()
-        _log(gains, iteration, get_tensorboard_writer(), get_wandb_writer())
-        if getattr(args, "mhc_gain_log", None):
-            write_gain_log(args.mhc_gain_log, gains, iteration)
+        _log(gains, iteration, get_tensorboard_writer(), get_wandb_writer(),
+             getattr(args, "mhc_gain_log", None))
     if (iteration + 1) % interval == 0:
         arm(model)
 
 
-def write_gain_log(path: str, gains: Dict[str, object], iteration: int) -> None:
-    """Append one JSON line (``iteration`` plus the gains) to ``path`` on rank 0."""
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"iteration": iteration, **gains}) + "\n")
-
-
-def _log(gains: Dict[str, object], iteration: int, writer, wandb_writer) -> None:
+def _log(gains: Dict[str, object], iteration: int, writer, wandb_writer,
+         gain_log_path: Optional[str] = None) -> None:
+    """Print (rank 0), append to ``gain_log_path`` as one JSON line (rank 0), and write the
+    scalars to TensorBoard / W&B where Megatron made writers."""
     layer_fwd, layer_bwd = gains["layer_forward"], gains["layer_backward"]
     scalars = {
         "mhc/composite_gain_forward": gains["composite_forward"],
@@ -135,6 +129,9 @@ def _log(gains: Dict[str, object], iteration: int, writer, wandb_writer) -> None
             f"{scalars['mhc/composite_gain_backward']:.4f}",
             flush=True,
         )
+        if gain_log_path:
+            with open(gain_log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"iteration": iteration, **gains}) + "\n")
     if writer is not None:
         for name, value in scalars.items():
             writer.add_scalar(name, value, iteration)
