@@ -156,18 +156,19 @@ def worker(rank, args):
     model_parallel_cuda_manual_seed(0)
     from megatron_mhc.hooks import schedules_are_hooked
 
-    n = args.n
+    def mhc(label, **extra):
+        return (f"mHC n={args.n}, triton{label}",
+                MHCConfig(expansion_rate=args.n, kernel_backend="triton", **extra))
+
+    one_f_one_b = args.pp > 1 and args.vpp is None  # where the p2p host sync exists
     variants = [("plain residual", None)]
-    if args.pp > 1 and args.vpp is None:
+    if one_f_one_b:
         variants.append(("plain residual, no p2p host sync", None, False))
-    for label, extra in (("", {}), (", overlap", dict(overlap=True)),
-                         (", recompute L_r=auto", dict(recompute_block=0)),
-                         (", recompute L_r=auto, overlap", dict(recompute_block=0, overlap=True))):
-        variants.append((f"mHC n={n}, triton{label}",
-                         MHCConfig(expansion_rate=n, kernel_backend="triton", **extra)))
-    if args.pp > 1 and args.vpp is None:
-        variants.insert(3, (f"mHC n={n}, triton, no p2p host sync (stream part off)",
-                            MHCConfig(expansion_rate=n, kernel_backend="triton"), False))
+    variants.append(mhc(""))
+    if one_f_one_b:
+        variants.append(mhc(", no p2p host sync (stream part off)") + (False,))
+    variants += [mhc(", overlap", overlap=True), mhc(", recompute L_r=auto", recompute_block=0),
+                 mhc(", recompute L_r=auto, overlap", recompute_block=0, overlap=True)]
     results = [run_variant(args, *v) for v in variants]
     if rank == 0:
         base_ms, base_peaks = results[0][1], results[0][2]
