@@ -227,9 +227,9 @@ def split_passages(docs: Iterable[Tuple[str, str]], val_fraction: float = 0.02,
 
 
 def train_tokenizer(texts: List[str], vocab_size: int, out_dir: Path):
-    """A byte-level BPE (``tokenizers``) saved as ``vocab.json`` + ``merges.txt`` (GPT-2 format,
-    Megatron's ``GPT2BPETokenizer``) and ``tokenizer.json`` + ``tokenizer_config.json``
-    (``HuggingFaceTokenizer``)."""
+    """A byte-level BPE (``tokenizers``) saved as ``vocab.json`` + ``merges.txt`` (GPT-2 format)
+    and ``tokenizer.json`` + ``tokenizer_config.json``, the folder Megatron's
+    ``HuggingFaceTokenizer`` loads (``--tokenizer-model``)."""
     try:
         from tokenizers import ByteLevelBPETokenizer
     except ImportError as exc:  # pragma: no cover - optional dependency

@@ -9,8 +9,10 @@ Writes ``OUT/tokenizer/`` (vocab.json, merges.txt, tokenizer.json, tokenizer_con
 checksums, sizes, counts). Train with e.g.
 
     --train-data-path OUT/corpus_train_text_document --valid-data-path OUT/corpus_valid_text_document
-    --tokenizer-type GPT2BPETokenizer --vocab-file OUT/tokenizer/vocab.json
-    --merge-file OUT/tokenizer/merges.txt
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model OUT/tokenizer
+
+(Megatron-Core 0.19's ``GPT2BPETokenizer`` loads ``gpt2`` from the Hugging Face hub whatever
+``--vocab-file`` says, so it does not use this vocabulary.)
 
 Sources, licences and cleaning rules: ``megatron_mhc/corpus.py``.
 """
