@@ -10,10 +10,10 @@ import torch
 def sdpa_gpt_layer_spec(mhc_config=None):
     """Megatron's local GPT layer spec (RMSNorm) with PyTorch SDPA as core attention, optionally
     turned into the mHC spec."""
+    from _sdpa_attention import SDPACoreAttention
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_mhc.specs import with_mhc
-    from megatron_mhc.testing.sdpa_attention import SDPACoreAttention
+    from megatron_mhc.core.specs import with_mhc
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     attention = dataclasses.replace(

@@ -56,8 +56,8 @@ def tile_kernels_ops():
 
 
 def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
+    from megatron_mhc.core.ops import reference
     from megatron_mhc.kernels.triton_ops import TRITON_OPS
-    from megatron_mhc.ops import reference
 
     dt, t, c = torch.bfloat16, tokens, hidden
     m = n * n + 2 * n
@@ -114,7 +114,7 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
         timers = {}
         for backend, o in (("eager", reference), ("triton", TRITON_OPS)):
             fn = make(o)
-            timers[(backend, "fwd")] = lambda fn=fn: fn(*inputs)
+            timers[(backend, "fwd")] = lambda fn=fn, inputs=inputs: fn(*inputs)
             timers[(backend, "bwd")] = backward_timer(fn, inputs, grads)
         for direction in ("fwd", "bwd"):
             floor_ms = floors[(name, direction)] / bandwidth * 1e3

@@ -37,7 +37,7 @@ def build_stage(args, mhc_config, p2p_sync=True):
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_mhc.hooks import PIPELINE_STREAMS_ATTR, schedules_are_hooked
+    from megatron_mhc.training.hooks import PIPELINE_STREAMS_ATTR, schedules_are_hooked
 
     mhc = mhc_config is not None and not mhc_config.is_residual
     interleaved = args.vpp is not None
@@ -48,7 +48,7 @@ def build_stage(args, mhc_config, p2p_sync=True):
         virtual_pipeline_model_parallel_size=args.vpp,
         variable_seq_lengths=args.pp > 1 and mhc and not schedules_are_hooked(),
         overlap_p2p_comm=interleaved, batch_p2p_comm=not interleaved,
-        # What --mhc-overlap sets (megatron_mhc.hooks.apply_mhc_to_spec): no host sync after each
+        # What --mhc-overlap sets (megatron_mhc.training.hooks.apply_mhc_to_spec): no host sync after each
         # batched p2p, so the host queues the next micro-batch while the activations travel.
         batch_p2p_sync=p2p_sync and not overlap,
         overlap_p2p_comm_warmup_flush=interleaved and overlap,
@@ -98,8 +98,9 @@ def run_variant(args, name, mhc_config, p2p_sync=True):
     losses = []
 
     def step():
-        data = [iter(tokens) for _ in chunks] if args.vpp is not None else iter(tokens)
-        out = schedule(forward_step_func=forward_step, data_iterator=data, model=model,
+        # (model and chunks are deleted after the timing loop, once step() is done with them)
+        data = [iter(tokens) for _ in chunks] if args.vpp is not None else iter(tokens)  # noqa: F821
+        out = schedule(forward_step_func=forward_step, data_iterator=data, model=model,  # noqa: F821
                        num_microbatches=args.microbatches, seq_length=s,
                        micro_batch_size=args.micro_batch, forward_only=False)
         if out:
@@ -154,7 +155,7 @@ def worker(rank, args):
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=args.pp,
                                              virtual_pipeline_model_parallel_size=args.vpp)
     model_parallel_cuda_manual_seed(0)
-    from megatron_mhc.hooks import schedules_are_hooked
+    from megatron_mhc.training.hooks import schedules_are_hooked
 
     def mhc(label, **extra):
         return (f"mHC n={args.n}, triton{label}",

@@ -20,8 +20,8 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args(argv)
+    from megatron_mhc.core.ops import reference
     from megatron_mhc.kernels.triton_ops import TRITON_OPS as ops
-    from megatron_mhc.ops import reference
 
     t, n, c, m = args.tokens, args.n, args.hidden, args.n * args.n + 2 * args.n
     dt = torch.bfloat16

@@ -8,7 +8,7 @@
 # there every 50 iterations), MHC_ARGS (replace the mHC flags, e.g. "--enable-mhc
 # --mhc-variant residual" for the ablation, or "" for plain Megatron), PYTHON (default python),
 # LAUNCH + SKIP_PATCH_CHECK=1 to run an unpatched tree through the runtime launcher:
-#   LAUNCH="-m megatron_mhc.launch $MEGATRON_LM/pretrain_gpt.py" SKIP_PATCH_CHECK=1 Needs no Transformer-Engine or Apex
+#   LAUNCH="-m megatron_mhc.training.launch $MEGATRON_LM/pretrain_gpt.py" SKIP_PATCH_CHECK=1 Needs no Transformer-Engine or Apex
 # (--transformer-impl local and no CUDA fusions that need them).
 set -euo pipefail
 
@@ -19,10 +19,10 @@ PP=${PP:-1}
 ITERS=${ITERS:-100}
 MHC_ARGS=${MHC_ARGS-"--enable-mhc --mhc-expansion-rate 4 --mhc-recompute-block auto --mhc-log-interval 10"}
 PYTHON=${PYTHON:-python}
-LAUNCH=${LAUNCH:-"$MEGATRON_LM/pretrain_gpt.py"}  # or "-m megatron_mhc.launch <tree>/pretrain_gpt.py"
+LAUNCH=${LAUNCH:-"$MEGATRON_LM/pretrain_gpt.py"}  # or "-m megatron_mhc.training.launch <tree>/pretrain_gpt.py"
 
-if [[ -z "${SKIP_PATCH_CHECK:-}" ]] && ! $PYTHON -m megatron_mhc.cli patch check "$MEGATRON_LM" >/dev/null; then
-    $PYTHON -m megatron_mhc.cli patch check "$MEGATRON_LM" || true
+if [[ -z "${SKIP_PATCH_CHECK:-}" ]] && ! $PYTHON -m megatron_mhc.tools.cli patch check "$MEGATRON_LM" >/dev/null; then
+    $PYTHON -m megatron_mhc.tools.cli patch check "$MEGATRON_LM" || true
     echo "Apply the patch set first: megatron-mhc patch apply $MEGATRON_LM" >&2
     exit 1
 fi

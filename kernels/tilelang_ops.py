@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mhc.core.ops import reference
+from megatron_mhc.core.ops.opset import MHCOps
 from megatron_mhc.kernels import triton_ops
-from megatron_mhc.ops import reference
-from megatron_mhc.ops.dispatch import MHCOps
 
 
 def _tile_kernels_mhc():
@@ -61,7 +61,7 @@ class _PostResTileKernels(torch.autograd.Function):
 
 
 def post_res_merge(x, y, h_post, h_res):
-    """TileKernels ``post_res_merge`` (see ``megatron_mhc.ops.reference.post_res_merge``)."""
+    """TileKernels ``post_res_merge`` (see ``megatron_mhc.core.ops.reference.post_res_merge``)."""
     _check(x, x.shape[-1])
     return _PostResTileKernels.apply(x, y.to(x.dtype), h_post, h_res)
 

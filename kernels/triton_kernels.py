@@ -10,6 +10,11 @@ import os
 import triton
 import triton.language as tl
 
+from megatron_mhc.core.ops.reference import SINKHORN_LOGIT_LIMIT
+
+#: The reference's clamp of the Sinkhorn logits (+-inf -> their limits, NaN kept).
+LOGIT_LIMIT = tl.constexpr(SINKHORN_LOGIT_LIMIT)
+
 
 # ----------------------------------------------------------------------------------------------
 # Norm + projection (+ mappings) forward: one read of x gives x @ phi and sum(x^2) (split over K
@@ -131,6 +136,12 @@ def _tanh(v):
 
 
 @triton.jit
+def _clamp_logits(z):
+    """``clamp(z, -LOGIT_LIMIT, LOGIT_LIMIT)`` that keeps NaN (comparisons with NaN are false)."""
+    return tl.where(z > LOGIT_LIMIT, LOGIT_LIMIT, tl.where(z < -LOGIT_LIMIT, -LOGIT_LIMIT, z))
+
+
+@triton.jit
 def _sinkhorn_half_step(v, m3, axis: tl.constexpr):
     v = v - _lse(v, axis)
     return tl.where(m3, v, float("-inf"))
@@ -146,7 +157,7 @@ def _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_pt
     if VARIANT_MHC:
         h_pre = tl.sigmoid(z_pre)
         h_post = 2.0 * tl.sigmoid(z_post)
-        v = tl.where(m3, z_res, float("-inf"))
+        v = tl.where(m3, _clamp_logits(z_res), float("-inf"))
         for _ in range(ITERS):
             v = _sinkhorn_half_step(v, m3, 2)
             v = _sinkhorn_half_step(v, m3, 1)
@@ -197,7 +208,7 @@ def mappings_bwd_kernel(
         dz_post = dh_post * 2.0 * s_post * (1.0 - s_post)
         # Forward recompute, saving each half-step's logsumexp vector.
         scratch = lse_scratch_ptr + rows * (2 * ITERS * NP)
-        v = tl.where(m3, z_res, float("-inf"))
+        v = tl.where(m3, _clamp_logits(z_res), float("-inf"))
         for it in range(ITERS):
             lse_r = _lse(v, 2)
             v = tl.where(m3, v - lse_r, float("-inf"))
@@ -224,7 +235,7 @@ def mappings_bwd_kernel(
                             mask=row_ok[:, None, None], other=0.0)
             v = tl.where(m3, v + lse_r, float("-inf"))
             p = tl.exp(v)
-        dz_res = dv
+        dz_res = tl.where(tl.abs(z_res) > LOGIT_LIMIT, 0.0, dv)  # the clamp's gradient
         # d(dyn) and the gate grads: z = a * dyn + b.
         g_pre = dz_pre * a_pre
         g_post = dz_post * a_post

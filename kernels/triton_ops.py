@@ -1,7 +1,7 @@
 """Autograd-wired Triton mHC ops with the reference ops' signatures (``TRITON_OPS``).
 
 Each op is one ``torch.autograd.Function`` whose forward and backward are fused Triton kernels
-(``triton_kernels``); every one is tested against ``megatron_mhc.ops.reference`` in float64 terms
+(``triton_kernels``); every one is tested against ``megatron_mhc.core.ops.reference`` in float64 terms
 under ``TRITON_INTERPRET=1`` on CPU. Stream expand/merge stay on PyTorch (a single copy kernel and
 a single reduction kernel each, already at copy bandwidth).
 """
@@ -12,9 +12,9 @@ import os
 
 import torch
 
+from megatron_mhc.core.ops import reference
+from megatron_mhc.core.ops.opset import MHCOps
 from megatron_mhc.kernels import triton_kernels as K
-from megatron_mhc.ops import reference
-from megatron_mhc.ops.dispatch import MHCOps
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Triton's interpreter has no 16-bit tl.dot: 16-bit inputs take the (exact) tf32 path there.
@@ -214,7 +214,7 @@ def _check_mapping_args(x, phi, variant: str, name: str) -> None:
 
 
 def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
-    """Triton ``compute_mappings`` (see ``megatron_mhc.ops.reference.compute_mappings``)."""
+    """Triton ``compute_mappings`` (see ``megatron_mhc.core.ops.reference.compute_mappings``)."""
     _check_mapping_args(x, phi, variant, "compute_mappings")
     return _MappingsFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),
                                    float(eps))
@@ -222,7 +222,7 @@ def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=
 
 def enter(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
     """Triton fused ``(pre_apply(x, H_pre), H_post, H_res)`` of one sublayer (see
-    ``megatron_mhc.ops.reference.enter``)."""
+    ``megatron_mhc.core.ops.reference.enter``)."""
     _check_mapping_args(x, phi, variant, "enter")
     return _EntryFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),
                                 float(eps))
@@ -261,7 +261,7 @@ class _PreApplyFunction(torch.autograd.Function):
 
 
 def pre_apply(x, h_pre):
-    """Triton ``pre_apply`` (see ``megatron_mhc.ops.reference.pre_apply``)."""
+    """Triton ``pre_apply`` (see ``megatron_mhc.core.ops.reference.pre_apply``)."""
     _check(x, "pre_apply")
     return _PreApplyFunction.apply(x, h_pre)
 
@@ -308,7 +308,7 @@ class _PostResFunction(torch.autograd.Function):
 
 
 def post_res_merge(x, y, h_post, h_res):
-    """Triton ``post_res_merge`` (see ``megatron_mhc.ops.reference.post_res_merge``)."""
+    """Triton ``post_res_merge`` (see ``megatron_mhc.core.ops.reference.post_res_merge``)."""
     _check(x, "post_res_merge")
     if y.dtype != x.dtype:
         y = y.to(x.dtype)

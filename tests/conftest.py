@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
 @pytest.fixture
 def megatron_cpu():
     """A world-size-1 gloo process group with Megatron's model-parallel groups (TP=PP=1)."""
-    from megatron_mhc.testing.megatron_cpu import destroy_cpu_distributed, init_cpu_distributed
+    from megatron_mhc.training.cpu import destroy_cpu_distributed, init_cpu_distributed
 
     init_cpu_distributed()
     torch.manual_seed(1234)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 import torch.multiprocessing as mp
 
-from megatron_mhc.testing.megatron_cpu import (
+from megatron_mhc.training.cpu import (
     destroy_cpu_distributed,
     free_port,
     init_cpu_distributed,
@@ -41,7 +41,7 @@ def tp_loss_and_grads(rank, world_size, port, out_path, sequence_parallel, mhc_k
     )
 
     from megatron_mhc import MHCConfig
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
     init_cpu_distributed(rank, world_size, port, tensor_model_parallel_size=world_size)
     try:
@@ -83,7 +83,7 @@ def checkpoint_save_or_load(rank, world_size, port, mode, ckpt_dir, out_path, mh
     from megatron.core import dist_checkpointing
 
     from megatron_mhc import MHCConfig
-    from megatron_mhc.testing.tiny_gpt import (
+    from megatron_mhc.training.small_gpt import (
         TinyGPTSettings,
         build_tiny_gpt,
         lm_loss,
@@ -117,7 +117,7 @@ def exec_patched_schedules():
     this project's patch hunks applied (the hooks the patch set adds, on the real file)."""
     import megatron.core.pipeline_parallel.schedules as schedules
 
-    from megatron_mhc.patching import PatchSet, apply_hunks
+    from megatron_mhc.training.patching import PatchSet, apply_hunks
 
     path = "megatron/core/pipeline_parallel/schedules.py"
     source = open(schedules.__file__).read()
@@ -139,8 +139,8 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_mhc import MHCConfig
-    from megatron_mhc.layer import MHCLayerMixin
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
+    from megatron_mhc.core.layer import MHCLayerMixin
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
 
     pp = world_size // tp
     init_cpu_distributed(rank, world_size, port, tensor_model_parallel_size=tp,
@@ -232,12 +232,13 @@ def moe_loss_and_grads(rank, world_size, port, out_path, mhc_kwargs, reference_p
     """One forward/backward of a tiny mHC MoE GPT (4 experts, top-2, alltoall dispatcher) at
     EP = world_size; every rank gets the same tokens. With ``reference_path`` (an EP=1 run's
     state dict) the weights are loaded from it, experts split over the EP ranks."""
-    from megatron_mhc import MHCConfig
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
     )
+
+    from megatron_mhc import MHCConfig
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
     init_cpu_distributed(rank, world_size, port, expert_model_parallel_size=world_size)
     try:
@@ -275,11 +276,11 @@ def cp_loss_and_grads(rank, world_size, port, out_path, mhc_kwargs):
     """One forward/backward of a tiny mHC GPT at CP = world_size (Megatron's load-balanced
     sequence split, keys/values all-gathered by the fixture attention); losses summed and
     gradients all-reduced over the CP group as Megatron's loss and DDP do."""
+    from fixtures.cp_attention import CPCoreAttention, cp_chunk_indices
     from megatron.core import parallel_state
 
     from megatron_mhc import MHCConfig
-    from megatron_mhc.testing.cp_attention import CPCoreAttention, cp_chunk_indices
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
 
     init_cpu_distributed(rank, world_size, port, context_parallel_size=world_size)
     try:

@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_mhc.analysis import backward_gain, forward_gain, gain_report
+from megatron_mhc.core.gains import backward_gain, forward_gain, gain_report
 
 
 def test_gains_of_hand_built_mappings():
@@ -26,8 +26,8 @@ def test_gain_report_takes_the_max_over_tokens():
 
 
 def test_demo_runs_and_prints_the_table(capsys):
-    from megatron_mhc.demo import main
-    from megatron_mhc.testing.megatron_cpu import destroy_cpu_distributed
+    from megatron_mhc.tools.demo import main
+    from megatron_mhc.training.cpu import destroy_cpu_distributed
 
     try:
         results = main(["--steps", "3", "--num-layers", "2", "--hidden-size", "32",
@@ -46,7 +46,7 @@ def test_demo_runs_and_prints_the_table(capsys):
 def test_demo_rejects_bad_flags(capsys):
     import pytest
 
-    from megatron_mhc.demo import main
+    from megatron_mhc.tools.demo import main
 
     with pytest.raises(SystemExit):
         main(["--variants", "mhc,foo"])
@@ -54,7 +54,7 @@ def test_demo_rejects_bad_flags(capsys):
 
 
 def test_cli_info_and_bad_command(capsys):
-    from megatron_mhc.cli import main
+    from megatron_mhc.tools.cli import main
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out

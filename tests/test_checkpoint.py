@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from dist_workers import checkpoint_save_or_load, spawn
 
 MHC = dict(expansion_rate=4, kernel_backend="torch")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_mhc.config import FLAG_NAMES, MHCConfig
+from megatron_mhc.core.config import FLAG_NAMES, MHCConfig
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_defaults_and_derived_values():
 
 
 def test_backend_resolution_is_explicit(monkeypatch):
-    from megatron_mhc import backends
+    from megatron_mhc.core import backends
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     backends.triton_availability.cache_clear()

@@ -1,13 +1,12 @@
 """Context parallelism: mHC ops are per token, so CP=2 gives the CP=1 loss and gradients.
 
 Megatron-Core's CP attention needs Transformer-Engine; on CPU a fixture attention
-(``megatron_mhc.testing.cp_attention``) all-gathers keys/values over the CP group, with
+(``fixtures.cp_attention``) all-gathers keys/values over the CP group, with
 Megatron's own load-balanced sequence split, CP process groups and CP-aware layers.
 """
 
 import pytest
 import torch
-
 from dist_workers import cp_loss_and_grads, spawn
 
 MHC = dict(expansion_rate=4, kernel_backend="torch")

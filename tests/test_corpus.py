@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from megatron_mhc import corpus
+from megatron_mhc.tools import corpus
 
 tokenizers = pytest.importorskip("tokenizers")
 

@@ -4,10 +4,10 @@ import argparse
 
 import pytest
 import torch
+from fixtures.tiny_hybrid import build_tiny_hybrid
 
 from megatron_mhc import MHCConfig
-from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, lm_loss, train_on_batch
-from megatron_mhc.testing.tiny_hybrid import build_tiny_hybrid
+from megatron_mhc.training.small_gpt import TinyGPTSettings, lm_loss, train_on_batch
 
 PATTERN = "*-*E"  # attention, MLP, attention, MoE
 MHC = dict(expansion_rate=4, kernel_backend="torch")
@@ -18,7 +18,7 @@ def _tokens():
 
 
 def test_function_preserving_mhc_hybrid_equals_plain(megatron_cpu):
-    from megatron_mhc.layer import MHCLayerMixin
+    from megatron_mhc.core.layer import MHCLayerMixin
 
     plain = build_tiny_hybrid(TinyGPTSettings(), PATTERN)
     mhc = build_tiny_hybrid(TinyGPTSettings(), PATTERN,
@@ -26,7 +26,7 @@ def test_function_preserving_mhc_hybrid_equals_plain(megatron_cpu):
     layers = list(mhc.decoder.layers)
     assert all(isinstance(layer, MHCLayerMixin) for layer in layers)
     # One sublayer per hybrid layer: attention layers get attn_hc only, MLP/MoE layers mlp_hc.
-    assert [(l.attn_hc is not None, l.mlp_hc is not None) for l in layers] == [
+    assert [(layer.attn_hc is not None, layer.mlp_hc is not None) for layer in layers] == [
         (True, False), (False, True), (True, False), (False, True)]
     missing, unexpected = mhc.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all("_hc." in k for k in missing)
@@ -44,7 +44,7 @@ def test_mhc_hybrid_trains(megatron_cpu):
 
 @pytest.mark.parametrize("pattern", ["M*M-", "*G-"])
 def test_hybrid_patterns_with_mamba_or_gdn_are_refused(pattern):
-    from megatron_mhc import hooks
+    from megatron_mhc.training import hooks
 
     args = argparse.Namespace(enable_mhc=True, hybrid_layer_pattern=pattern)
     for name in hooks._FIELD_DESTS.values():

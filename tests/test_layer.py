@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megatron_mhc import MHCConfig
-from megatron_mhc.hyper_connection import HyperConnection
-from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss, train_on_batch
+from megatron_mhc.core.hyper_connection import HyperConnection
+from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss, train_on_batch
 
 
 def _tokens(seed, batch=4, seq=32, vocab=256):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from dist_workers import moe_loss_and_grads, spawn
+
 from megatron_mhc import MHCConfig
 
 MHC = dict(expansion_rate=4, kernel_backend="torch")
@@ -34,8 +34,8 @@ def test_function_preserving_mhc_moe_equals_plain_moe(megatron_cpu, shared_exper
         get_moe_layer_wise_logging_tracker,
     )
 
-    from megatron_mhc.layer import MHCLayerMixin
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron_mhc.core.layer import MHCLayerMixin
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
     extra = dict(moe_shared_expert_intermediate_size=64) if shared_experts else {}
     settings = TinyGPTSettings(num_layers=2, num_moe_experts=4, extra_config=extra)
@@ -62,7 +62,7 @@ def test_function_preserving_mhc_moe_equals_plain_moe(megatron_cpu, shared_exper
 
 
 def test_mhc_moe_model_trains(megatron_cpu):
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, train_on_batch
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, train_on_batch
 
     model = build_tiny_gpt(TinyGPTSettings(num_layers=2, num_moe_experts=4), MHCConfig(**MHC))
     tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from megatron_mhc import ops
-from megatron_mhc.config import MHCConfig
-from megatron_mhc.hyper_connection import static_bias_init
+from megatron_mhc.core import ops
+from megatron_mhc.core.config import MHCConfig
+from megatron_mhc.core.hyper_connection import static_bias_init
 
 
 def _gen(seed):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from megatron_mhc import MHCConfig
-from megatron_mhc.ops import reference
-from megatron_mhc.overlap import high_priority_stream, run_on_high_priority_stream
-from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+from megatron_mhc.core.ops import reference
+from megatron_mhc.core.overlap import high_priority_stream, run_on_high_priority_stream
+from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
 
 def _loss_and_grads(overlap, block):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mhc import hooks
-from megatron_mhc.patching import (
+from megatron_mhc.training import hooks
+from megatron_mhc.training.patching import (
     STATE_APPLIED,
     STATE_CONFLICTING,
     STATE_NOT_APPLIED,
@@ -81,12 +81,45 @@ def test_apply_check_revert(patch_set):
 
 def test_foreign_tree_is_refused_and_left_untouched(patch_set):
     patches, tree = patch_set
+    # An edit inside a hunk's context: the hunks no longer match anywhere.
+    (tree / "pkg/b.py").write_text(PRISTINE["pkg/b.py"].replace("    return 1\n", "    return 2\n"))
+    before = _snapshot(tree)
+    assert patches.status(tree).state == STATE_CONFLICTING
+    with pytest.raises(PatchError, match=r"Megatron-Core 0\.19\.1.*pkg/b\.py \(foreign\).*core_v0\.19\.0"):
+        patches.apply(tree)
+    assert _snapshot(tree) == before
+
+
+def test_unpinned_tree_of_another_release_line_is_refused(patch_set):
+    patches, tree = patch_set
     (tree / "pkg/b.py").write_text(PRISTINE["pkg/b.py"] + "# local change\n")
     (tree / "megatron/core/package_info.py").write_text("MAJOR = 0\nMINOR = 20\nPATCH = 0\n")
     before = _snapshot(tree)
-    assert patches.status(tree).state == STATE_CONFLICTING
-    with pytest.raises(PatchError, match=r"Megatron-Core 0\.20\.0.*pkg/b\.py \(foreign\).*core_v0\.19\.0"):
+    status = patches.status(tree)
+    assert status.state == STATE_NOT_APPLIED
+    assert status.files["pkg/b.py"] == "pristine, not pinned"
+    with pytest.raises(PatchError, match=r"Megatron-Core 0\.20\.0.*pkg/b\.py.*only in a "
+                                         r"Megatron-Core 0\.19\.x tree"):
         patches.apply(tree)
+    assert _snapshot(tree) == before
+
+
+def test_a_later_0_19_release_whose_hunks_match_is_patched_and_reverted(patch_set):
+    """Lines added above and between the hunks (as a 0.19.x release might): the hunks apply at
+    their new places, check reports applied, revert restores every byte."""
+    patches, tree = patch_set
+    shifted = "# release notes\n# more\n" + PRISTINE["a.py"].replace("line 10\n", "line 10\nnew\n")
+    (tree / "a.py").write_text(shifted)
+    (tree / "megatron/core/package_info.py").write_text("MAJOR = 0\nMINOR = 19\nPATCH = 2\n")
+    before = _snapshot(tree)
+    assert patches.status(tree).files["a.py"] == "pristine, not pinned"
+    patches.apply(tree)
+    status = patches.status(tree)
+    assert status.state == STATE_APPLIED and status.files["a.py"] == "patched, not pinned"
+    text = (tree / "a.py").read_text()
+    assert "line 3\nhook()  # megatron-mhc\n" in text and "line 20 changed\n" in text
+    assert text.startswith("# release notes\n") and "line 10\nnew\n" in text
+    patches.revert(tree)
     assert _snapshot(tree) == before
 
 
@@ -99,7 +132,7 @@ def test_not_a_megatron_tree(patch_set, tmp_path):
 
 
 def test_failed_write_leaves_tree_byte_identical(patch_set, monkeypatch):
-    import megatron_mhc.patching as patching
+    import megatron_mhc.training.patching as patching
 
     patches, tree = patch_set
     before = _snapshot(tree)
@@ -166,7 +199,7 @@ def test_real_patch_set_on_a_checkout(tmp_path):
 
 
 def test_patch_cli_exit_codes(patch_set, tmp_path, capsys):
-    from megatron_mhc.cli import main
+    from megatron_mhc.tools.cli import main
 
     assert main(["patch", "bogus", str(tmp_path)]) == 2
     assert main(["patch", "check", str(tmp_path / "missing")]) == 2
@@ -252,7 +285,7 @@ def test_apply_mhc_to_spec_wraps_layers_and_blocks():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from megatron_mhc.layer import MHCLayerMixin
+    from megatron_mhc.core.layer import MHCLayerMixin
 
     args = _parse(["--enable-mhc", "--mhc-expansion-rate", "3"])
     config = argparse.Namespace(hidden_size=16)

@@ -8,7 +8,6 @@ mHC recompute in blocks of one layer.
 
 import pytest
 import torch
-
 from dist_workers import pipeline_losses_and_grads, spawn
 
 MHC = dict(expansion_rate=4, kernel_backend="torch")
@@ -53,7 +52,7 @@ def test_pipeline_without_variable_seq_lengths_is_refused():
     from types import SimpleNamespace
 
     from megatron_mhc import MHCConfig
-    from megatron_mhc.layer import check_transformer_config
+    from megatron_mhc.core.layer import check_transformer_config
 
     config = SimpleNamespace(pipeline_model_parallel_size=2, variable_seq_lengths=False)
     with pytest.raises(ValueError, match="megatron-mhc patch apply"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megatron_mhc import MHCConfig
-from megatron_mhc.recompute import REGISTRY, optimal_recompute_block
-from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+from megatron_mhc.core.recompute import REGISTRY, optimal_recompute_block
+from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
 
 def test_optimal_block_follows_the_paper_formula():

@@ -1,10 +1,10 @@
-"""The stability-run log parser and summary (megatron_mhc.stability, tools/stability_report.py)."""
+"""The stability-run log parser and summary (megatron_mhc.tools.stability, tools/stability_report.py)."""
 
 import json
 
 import pytest
 
-from megatron_mhc.stability import count_spikes, load_run, summary_table
+from megatron_mhc.tools.stability import count_spikes, load_run, summary_table
 
 
 def _iteration_line(step, loss, grad, skipped=0):

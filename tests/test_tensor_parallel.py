@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from dist_workers import spawn, tp_loss_and_grads
 
 MHC = dict(expansion_rate=4, kernel_backend="torch")

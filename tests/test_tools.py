@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.checkpoints import SETTINGS, save_mhc_checkpoint
+from fixtures.checkpoints import save_plain_checkpoint as _save_plain_megatron_checkpoint
+from fixtures.checkpoints import tokens as _tokens
 
 from megatron_mhc import MHCConfig
-from megatron_mhc.analysis import gain_report
-from megatron_mhc.checkpoint import (
-    ConversionError,
-    convert,
-    read_model_checkpoint,
-)
-
-SETTINGS = dict(num_layers=2, hidden_size=32, num_attention_heads=4)
+from megatron_mhc.core.gains import gain_report
+from megatron_mhc.tools.convert import ConversionError, convert
+from megatron_mhc.training.checkpoint_io import CheckpointError, read_model_checkpoint
 
 
 def _tree_digest(root: Path) -> str:
@@ -29,43 +27,10 @@ def _tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _tokens():
-    return torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(3))
-
-
-def _save_plain_megatron_checkpoint(root: Path):
-    """A checkpoint laid out like Megatron's save_checkpoint (torch_dist): tracker file,
-    iter_0000007/, model + optimizer tensors, an RNG ShardedObject and the args."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
-
-    torch.manual_seed(11)
-    model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), plain=True)
-    with torch.no_grad():
-        loss = lm_loss(model, _tokens())
-    args = argparse.Namespace(hidden_size=32, num_layers=2, init_method_std=0.02, seed=1234)
-    state = {
-        "model": model.sharded_state_dict(),
-        "optimizer": {"exp_avg": ShardedTensor.from_rank_offsets(
-            "optimizer.state.exp_avg.embedding", torch.ones(3), replica_id=0)},
-        "rng_state": ShardedObject("rng_state", [1, 2], (1, 1), (0, 0), replica_id=0),
-        "args": args,
-        "iteration": 7,
-        "checkpoint_version": 3.0,
-    }
-    iter_dir = root / "iter_0000007"
-    iter_dir.mkdir(parents=True)
-    dist_checkpointing.save(state, str(iter_dir))
-    (root / "latest_checkpointed_iteration.txt").write_text("7")
-    return loss
-
-
 def _load_mhc_loss(checkpoint_root: Path, mhc_config: MHCConfig):
     from megatron.core import dist_checkpointing
 
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
     torch.manual_seed(99)  # a different init: everything must come from the checkpoint
     model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), mhc_config)
@@ -101,12 +66,12 @@ def test_convert_refusals(megatron_cpu, tmp_path):
     _save_plain_megatron_checkpoint(src)
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="--overwrite"):
+    with pytest.raises(CheckpointError, match="--overwrite"):
         convert("plain-to-mhc", src, out)
     assert (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(ConversionError, match="overlaps the input"):
+    with pytest.raises(CheckpointError, match="overlaps the input"):
         convert("plain-to-mhc", src, src / "inside")
-    with pytest.raises(ConversionError, match="not a Megatron torch_dist checkpoint"):
+    with pytest.raises(CheckpointError, match="nothing-here does not exist"):
         convert("plain-to-mhc", tmp_path / "nothing-here", tmp_path / "o2")
     convert("plain-to-mhc", src, out, overwrite=True)
     assert not (out / "keep.txt").exists()
@@ -168,7 +133,7 @@ def test_gain_report_hand_built_example():
 
 
 def test_gain_report_cli_on_converted_checkpoint(megatron_cpu, tmp_path, capsys):
-    from megatron_mhc.cli import main
+    from megatron_mhc.tools.cli import main
 
     _save_plain_megatron_checkpoint(tmp_path / "plain")
     assert main(["convert", "plain-to-mhc", str(tmp_path / "plain"), str(tmp_path / "mhc")]) == 0
@@ -186,8 +151,8 @@ def test_gain_report_cli_on_converted_checkpoint(megatron_cpu, tmp_path, capsys)
 
 
 def test_training_gain_metrics_record_first_micro_batch(megatron_cpu):
-    from megatron_mhc import metrics
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron_mhc.training import metrics
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
     model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), MHCConfig(kernel_backend="torch"))
     metrics.arm([model])
@@ -208,29 +173,13 @@ def test_training_gain_metrics_record_first_micro_batch(megatron_cpu):
 def test_gain_report_batch_mode_rebuilds_the_model(megatron_cpu, tmp_path):
     """``gain-report --batch``: the model rebuilt from the checkpoint's args gives the same
     per-token gains as the in-memory model that wrote the checkpoint."""
-    from megatron.core import dist_checkpointing
 
-    from megatron_mhc.analysis import record_residual_mappings
-    from megatron_mhc.gain_tool import batch_residual_mappings
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
+    from megatron_mhc.core.gains import record_residual_mappings
+    from megatron_mhc.tools.gain_report import batch_residual_mappings
+    from megatron_mhc.training.small_gpt import causal_lm_inputs
 
     mhc = MHCConfig(expansion_rate=4, kernel_backend="torch")
-    model = build_tiny_gpt(TinyGPTSettings(**SETTINGS), mhc)
-    with torch.no_grad():  # make the mappings input-dependent and non-trivial
-        for name, param in model.named_parameters():
-            if name.endswith("_hc.alpha"):
-                param.fill_(1.0)
-    args = argparse.Namespace(
-        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=128,
-        normalization="RMSNorm", add_bias_linear=False, padded_vocab_size=256,
-        max_position_embeddings=32, position_embedding_type="learned_absolute",
-        untie_embeddings_and_output_weights=False, norm_epsilon=1e-5, enable_mhc=True,
-        **{f"mhc_{k}": v for k, v in mhc.as_dict().items()})
-    iter_dir = tmp_path / "ckpt" / "iter_0000001"
-    iter_dir.mkdir(parents=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "iteration": 1},
-                            str(iter_dir))
-    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1")
+    model = save_mhc_checkpoint(tmp_path / "ckpt", mhc)
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(4))
     input_ids, position_ids, _, mask = causal_lm_inputs(
         torch.cat([tokens, tokens[:, :1]], dim=1))
@@ -252,8 +201,8 @@ def test_after_train_step_logs_every_mhc_log_interval(megatron_cpu, monkeypatch,
     import sys
     import types
 
-    from megatron_mhc import metrics
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron_mhc.training import metrics
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
     gain_log = tmp_path / "gains.jsonl"
     args = argparse.Namespace(enable_mhc=True, mhc_variant=None, mhc_log_interval=2,

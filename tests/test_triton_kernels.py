@@ -10,7 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from megatron_mhc.ops import reference  # noqa: E402
+from megatron_mhc.core.ops import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (dtype, relative tolerance of the result against the float64 reference of the same inputs)
@@ -137,7 +137,7 @@ def test_unsupported_dtype_is_refused():
 
 def test_mhc_gpt_with_triton_backend_matches_torch_backend(megatron_cpu):
     from megatron_mhc import MHCConfig
-    from megatron_mhc.testing.tiny_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
     settings = TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=8)
     results = {}
@@ -158,7 +158,7 @@ def test_mhc_gpt_with_triton_backend_matches_torch_backend(megatron_cpu):
 @pytest.mark.skipif(DEVICE != "cuda", reason="TileKernels runs on a GPU only")
 @pytest.mark.parametrize("n, c", [(4, 256), (4, 1024)])
 def test_tilelang_backend_post_res_merge(n, c):
-    from megatron_mhc.backends import tilelang_availability
+    from megatron_mhc.core.backends import tilelang_availability
 
     if not tilelang_availability().available:
         pytest.skip(tilelang_availability().reason)
@@ -171,3 +171,36 @@ def test_tilelang_backend_post_res_merge(n, c):
     h_res = torch.rand(t, n, n, generator=torch.Generator().manual_seed(c)).to(DEVICE)
     _check_op(f"tilelang-post-{n}-{c}", TILELANG_OPS.post_res_merge, reference.post_res_merge,
               [x, y, h_post, h_res], [(t, n, c)], 2e-2)
+
+
+def test_non_finite_mapping_logits_match_the_reference():
+    """±inf static logits are taken as their limits by both the kernel and the reference (finite,
+    doubly stochastic H_res; zero gradient through the clamped entries); NaN is never hidden."""
+    n, c, t = 4, 24, 5
+    x = _randn(t, n, c, seed=41).to(DEVICE)
+    phi = _randn(n * c, n * n + 2 * n, seed=42, scale=0.05).to(DEVICE)
+    alpha = torch.full((3,), 0.3, device=DEVICE)
+    bias = _randn(n * n + 2 * n, seed=43).to(DEVICE)
+    bias[2 * n + 1] = float("inf")  # H_res[0, 1]
+    bias[2 * n + 2 * n + 3] = float("-inf")  # H_res[2, 3]
+    ops = _ops()
+    inputs = (x, phi, alpha, bias)
+
+    def fast(*a):
+        return ops.compute_mappings(*a, "mhc", 20, 1e-6)
+
+    def ref(*a):
+        return reference.compute_mappings(*a, "mhc", 20, 1e-6)
+
+    outs, grads = _grads(fast, inputs, [torch.ones(t, n), torch.ones(t, n), torch.randn(t, n, n)])
+    ref_outs, _ = _grads(ref, [i.double() for i in inputs],
+                         [torch.ones(t, n).double(), torch.ones(t, n).double(),
+                          torch.randn(t, n, n).double()])
+    h_res = outs[2]
+    assert torch.isfinite(h_res).all()
+    _assert_close(h_res, ref_outs[2], 1e-4, "H_res with ±inf logits")
+    assert torch.all(h_res[:, 0, 1] > 0.9) and torch.all(h_res[:, 2, 3] == 0)
+    assert torch.isfinite(grads[0]).all() and torch.isfinite(grads[1]).all()
+    bias_nan = bias.clone()
+    bias_nan[2 * n] = float("nan")
+    assert torch.isnan(ops.compute_mappings(x, phi, alpha, bias_nan, "mhc", 20, 1e-6)[2]).any()

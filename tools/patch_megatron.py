@@ -6,7 +6,7 @@ Same as ``megatron-mhc patch ...``; run with --help for the options.
 
 import sys
 
-from megatron_mhc.cli import main
+from megatron_mhc.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["patch", *sys.argv[1:]]))

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     """Command-line entry point."""
     from tqdm import tqdm
 
-    from megatron_mhc import corpus
+    from megatron_mhc.tools import corpus
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     split = corpus.split_passages(corpus.documents(tarballs), args.val_fraction,
                                   args.passage_chars)
     print(f"passages: {len(split.train)} train, {len(split.valid)} valid, "
-          f"{split.duplicates} repeated paragraphs/sentences dropped; characters by source: {split.chars_by_source}")
+          f"{split.duplicates} repeated paragraphs/sentences dropped; characters by source: "
+          f"{split.chars_by_source}")
     tokenizer = corpus.train_tokenizer(split.train, args.vocab_size, args.out / "tokenizer")
     counts = {}
     for name, texts in (("train", split.train), ("valid", split.valid)):

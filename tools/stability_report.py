@@ -6,7 +6,7 @@
 Each RUN_DIR holds ``<variant>.log`` (the Megatron stdout ``train_variant.sh`` tees to
 ``train.log``) and, for hc / mhc, ``<variant>.gains.jsonl`` (``--mhc-gain-log``); one RUN_DIR per
 seed. Writes ``OUT/summary.md`` (the table) and ``OUT/{loss,grad_norm,gain_vs_iteration,
-gain_by_depth}.png`` (matplotlib). Parsing lives in ``megatron_mhc.stability`` (tested on CPU).
+gain_by_depth}.png`` (matplotlib). Parsing lives in ``megatron_mhc.tools.stability`` (tested on CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_mhc.stability import load_run, plot_runs, summary_table  # noqa: E402
+from megatron_mhc.tools.stability import load_run, plot_runs, summary_table  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,133 @@
+"""MHCConfig: every mHC knob in one validated dataclass.
+
+Each field maps to one Megatron-LM flag (see ``FLAG_NAMES``); a bad value raises a ``ValueError``
+that names the field, its flag and the allowed values, at construction time (``__post_init__``),
+following Megatron-Core's own ``TransformerConfig`` idiom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+VARIANTS = ("mhc", "hc", "residual")
+INIT_METHODS = ("default", "function_preserving")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "tilelang")
+MAX_EXPANSION_RATE = 16
+
+#: Field name -> the Megatron-LM command-line flag that sets it.
+FLAG_NAMES = {
+    "expansion_rate": "--mhc-expansion-rate",
+    "variant": "--mhc-variant",
+    "sinkhorn_iters": "--mhc-sinkhorn-iters",
+    "gate_init": "--mhc-gate-init",
+    "init_method": "--mhc-init-method",
+    "res_init_logit": "--mhc-res-init-logit",
+    "norm_eps": "--mhc-norm-eps",
+    "kernel_backend": "--mhc-kernel-backend",
+    "recompute_block": "--mhc-recompute-block",
+    "overlap": "--mhc-overlap",
+}
+
+
+def _bad(field: str, value, allowed: str) -> ValueError:
+    return ValueError(
+        f"MHCConfig.{field}={value!r} ({FLAG_NAMES[field]}) is invalid; allowed: {allowed}"
+    )
+
+
+@dataclass
+class MHCConfig:
+    """Configuration of the manifold-constrained hyper-connections wrapped around each sublayer.
+
+    Attributes:
+        expansion_rate: n, the number of residual streams (2..16; forced to 1 for residual).
+        variant: ``mhc`` (Sinkhorn-projected H_res), ``hc`` (unconstrained Hyper-Connections with
+            tanh on the dynamic part) or ``residual`` (the plain residual stream, n = 1).
+        sinkhorn_iters: alternating row/column normalisations in the Sinkhorn-Knopp projection.
+        gate_init: initial value of the three scalar gates alpha_pre, alpha_post, alpha_res.
+        init_method: ``default`` (gates ``gate_init``) or ``function_preserving`` (gates 0: a
+            fresh model computes exactly the plain model's function; phi is random either way).
+        res_init_logit: diagonal of the static H_res logits at init (off-diagonal 0); larger is
+            closer to the identity. Only used by ``mhc``.
+        norm_eps: epsilon of the RMS norm over the flattened n*C vector.
+        kernel_backend: ``auto`` | ``torch`` | ``triton`` | ``tilelang``.
+        recompute_block: L_r, layers per mHC recompute block (None: no mHC recompute; 0: choose
+            the memory-optimal value automatically).
+        overlap: the overlapped schedule (``megatron_mhc.core.overlap``): each MLP sublayer's
+            post/residual merge runs on a high-priority CUDA stream; through ``--mhc-overlap``
+            (``megatron_mhc.training.hooks``) the 1F1B schedule also stops synchronising the host after
+            every stage-to-stage transfer (``batch_p2p_sync``), and the interleaved schedule's
+            p2p overlap covers the warm-up and flush phases. False keeps Megatron's behaviour.
+    """
+
+    expansion_rate: int = 4
+    variant: str = "mhc"
+    sinkhorn_iters: int = 20
+    gate_init: float = 0.01
+    init_method: str = "default"
+    res_init_logit: float = 4.0
+    norm_eps: float = 1e-6
+    kernel_backend: str = "auto"
+    recompute_block: Optional[int] = None
+    overlap: bool = False
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise _bad("variant", self.variant, ", ".join(VARIANTS))
+        if self.variant == "residual":
+            # The plain residual has one stream: the rate is ignored, so an ablation is exactly
+            # one flag (--mhc-variant) away from the mHC run.
+            self.expansion_rate = 1
+        elif (
+            isinstance(self.expansion_rate, bool)
+            or not isinstance(self.expansion_rate, int)
+            or not 2 <= self.expansion_rate <= MAX_EXPANSION_RATE
+        ):
+            raise _bad(
+                "expansion_rate", self.expansion_rate, f"an integer in 2..{MAX_EXPANSION_RATE}"
+            )
+        if not isinstance(self.sinkhorn_iters, int) or not 1 <= self.sinkhorn_iters <= 1000:
+            raise _bad("sinkhorn_iters", self.sinkhorn_iters, "an integer in 1..1000")
+        if not _finite(self.gate_init) or self.gate_init < 0:
+            raise _bad("gate_init", self.gate_init, "a finite float >= 0")
+        if self.init_method not in INIT_METHODS:
+            raise _bad("init_method", self.init_method, ", ".join(INIT_METHODS))
+        if not _finite(self.res_init_logit) or not 0 <= self.res_init_logit <= 30:
+            raise _bad("res_init_logit", self.res_init_logit, "a float in [0, 30]")
+        if not _finite(self.norm_eps) or not 0 < self.norm_eps < 1:
+            raise _bad("norm_eps", self.norm_eps, "a float in (0, 1)")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise _bad("kernel_backend", self.kernel_backend, ", ".join(KERNEL_BACKENDS))
+        if self.recompute_block is not None and (
+            not isinstance(self.recompute_block, int) or self.recompute_block < 0
+        ):
+            raise _bad(
+                "recompute_block", self.recompute_block, "None, 0 (automatic) or a positive integer"
+            )
+        if not isinstance(self.overlap, bool):
+            raise _bad("overlap", self.overlap, "True or False")
+
+    @property
+    def n(self) -> int:
+        """The number of residual streams."""
+        return self.expansion_rate
+
+    @property
+    def is_residual(self) -> bool:
+        """True when the layer runs as the plain residual (no streams, no mappings)."""
+        return self.variant == "residual"
+
+    @property
+    def mapping_width(self) -> int:
+        """Width of the projected mapping vector: n (pre) + n (post) + n*n (res)."""
+        return self.n * self.n + 2 * self.n
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (for logging and checkpoint metadata)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,106 @@
+"""HyperConnection: the learnable mappings wrapped around one sublayer (attention or MLP).
+
+Parameters (per sublayer): ``phi [n*C, n*n+2n]`` (the dynamic projection; the RMSNorm scale is
+folded into it), ``alpha [3]`` (the pre/post/res gates) and ``bias [n*n+2n]`` (the static mapping,
+laid out ``[pre | post | res row-major]``). They are replicated across tensor-parallel ranks; under
+sequence parallelism each rank sees different tokens, so they carry ``sequence_parallel=True`` and
+Megatron's ``finalize_model_grads`` all-reduces their gradients over the TP group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_mhc.core.config import MHCConfig
+from megatron_mhc.core.ops import MHCOps
+
+
+def static_bias_init(mhc_config: MHCConfig) -> Tensor:
+    """The static bias at init: the static mapping equals the plain residual.
+
+    Following the Hyper-Connections paper's choice of a static part equivalent to the Pre-Norm
+    residual: H_pre = 1/n on every stream (the aggregate of identical streams is the stream),
+    H_post = 1 (each stream receives the sublayer output) and H_res ~ I.
+
+    * ``mhc``: b_pre = logit(1/n), b_post = 0 (2*sigmoid(0) = 1), b_res = res_init_logit * I
+      (Sinkhorn of it is symmetric and doubly stochastic, diagonal e^c / (e^c + n - 1)).
+    * ``hc``: b_pre = 1/n, b_post = 1, b_res = I (the values themselves; no activation).
+    """
+    n = mhc_config.n
+    if mhc_config.variant == "mhc":
+        pre = torch.full((n,), -math.log(n - 1))
+        post = torch.zeros(n)
+        res = torch.eye(n) * mhc_config.res_init_logit
+    else:
+        pre = torch.full((n,), 1.0 / n)
+        post = torch.ones(n)
+        res = torch.eye(n)
+    return torch.cat([pre, post, res.flatten()])
+
+
+class HyperConnection(MegatronModule):
+    """The (m)HC mappings of one sublayer and the three calls the layer makes with them."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        mhc_config: MHCConfig,
+        ops: MHCOps,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ):
+        super().__init__(config=config)
+        self.mhc_config = mhc_config
+        self.ops = ops
+        if tp_group is not None:
+            self.tp_group = tp_group
+        n, hidden = mhc_config.n, config.hidden_size
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        # The model's dtype (Megatron's non-distributed mixed-precision optimizer cannot
+        # checkpoint float32 parameters of a 16-bit model); the kernels compute in float32.
+        dtype = config.params_dtype
+        self.phi = torch.nn.Parameter(
+            torch.empty(n * hidden, mhc_config.mapping_width, device=device, dtype=dtype)
+        )
+        self.alpha = torch.nn.Parameter(torch.empty(3, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(
+            torch.empty(mhc_config.mapping_width, device=device, dtype=dtype)
+        )
+        for param in (self.phi, self.alpha, self.bias):
+            param.sequence_parallel = bool(config.sequence_parallel)
+        #: When a list, every forward appends its H_res (detached) here; see megatron_mhc.core.gains.
+        self.recorded_h_res: Optional[List[Tensor]] = None
+        #: Position in the model: 2 * (layer_number - 1) + (0 attention, 1 MLP); set by the layer.
+        self.sublayer_index = 0
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """(Re-)initialise per ``mhc_config.init_method`` (see ``static_bias_init``)."""
+        self.config.init_method(self.phi)
+        # function_preserving: gates 0, so H~ = bias (the plain residual) whatever phi is. phi
+        # stays random: with phi = 0 every stream would stay identical forever (the model is
+        # symmetric under permuting streams and gradient steps keep that symmetry); random phi
+        # breaks it through the gates' gradients.
+        gate = 0.0 if self.mhc_config.init_method == "function_preserving" else self.mhc_config.gate_init
+        self.alpha.fill_(gate)
+        self.bias.copy_(static_bias_init(self.mhc_config))
+
+    def enter(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(sublayer input sum_i H_pre[i] x[i], H_post, H_res)`` in one fused op."""
+        cfg = self.mhc_config
+        agg, h_post, h_res = self.ops.enter(
+            x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps
+        )
+        if self.recorded_h_res is not None:
+            self.recorded_h_res.append(h_res.detach())
+        return agg, h_post, h_res
+
+    def merge(self, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+        """The next residual state ``H_res x + H_post^T y`` (``[..., n, C]``)."""
+        return self.ops.post_res_merge(x, y, h_post, h_res)

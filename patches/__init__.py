@@ -1,0 +1,1 @@
+"""The hook patch sets for Megatron-LM (package data, one folder per pinned tag)."""
