@@ -69,8 +69,7 @@ def load_run(log: Path, variant: str, label: str = "") -> Run:
                 run.valid[int(match.group(1))] = float(match.group(3))
     gains = Path(log).with_name(f"{variant}.gains.jsonl")
     if gains.is_file():
-        run.gains = [r for r in map(json.loads, filter(None, gains.read_text(encoding="utf-8").splitlines()))
-                     if "composite_forward" in r]  # (a non-finite step is logged without gains)
+        run.gains = read_gain_records(gains)
     return run
 
 
@@ -213,10 +212,11 @@ def plot_gains(runs: Sequence[Run], out_dir: Path) -> List[Path]:
     return written
 
 
-def load_gain_log(path: Path) -> List[Run]:
-    """Runs from a gain JSON-lines file: the demo's (a ``variant`` key per record) or one
-    written by ``--mhc-gain-log`` (one run, named after the file)."""
-    runs: Dict[str, Run] = {}
+def read_gain_records(path: Path) -> List[dict]:
+    """The gain records of a JSON-lines file (``--mhc-gain-log`` or the demo's), in order; steps
+    whose mappings were not finite (logged without gains) are left out. ``ValueError`` naming the
+    line for anything else that is not a gain record."""
+    records = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -229,6 +229,15 @@ def load_gain_log(path: Path) -> List[Run]:
             continue  # a step whose mappings were not finite: logged without gains
         if missing:
             raise ValueError(f"{path}:{number}: not a gain record (missing {', '.join(missing)})")
+        records.append(record)
+    return records
+
+
+def load_gain_log(path: Path) -> List[Run]:
+    """Runs from a gain JSON-lines file: the demo's (a ``variant`` key per record) or one
+    written by ``--mhc-gain-log`` (one run, named after the file)."""
+    runs: Dict[str, Run] = {}
+    for record in read_gain_records(path):
         variant = record.get("variant") or Path(path).stem.split(".")[0]
         runs.setdefault(variant, Run(variant=variant, label="")).gains.append(record)
     if not runs:

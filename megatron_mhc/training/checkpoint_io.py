@@ -154,7 +154,8 @@ def _named_file(iter_dir: Path, exc: BaseException) -> str:
 
 
 def read_common_state(path: Path) -> Tuple[Path, Optional[str], dict]:
-    """``(iteration dir, tracker content, common state dict)`` of the checkpoint at ``path``."""
+    """``(iteration dir, tracker content, common state dict)`` of the checkpoint at ``path``, after
+    checking that every shard file its metadata names is there and long enough."""
     from megatron.core import dist_checkpointing
 
     iter_dir, label = locate_checkpoint(path)
@@ -169,11 +170,10 @@ def read_common_state(path: Path) -> Tuple[Path, Optional[str], dict]:
 
 
 def load_sharded(sharded_state_dict: dict, iter_dir: Path, path: Optional[Path] = None) -> dict:
-    """``dist_checkpointing.load`` of ``sharded_state_dict`` from ``iter_dir``, with the shard files
-    checked first and any failure raised as one ``CheckpointError`` naming the file."""
+    """``dist_checkpointing.load`` of ``sharded_state_dict`` from ``iter_dir`` (whose shard files
+    ``read_common_state`` checked), any failure raised as one ``CheckpointError`` naming the file."""
     from megatron.core import dist_checkpointing
 
-    check_shard_files(iter_dir)
     try:
         with cuda_calls_on_cpu():
             return dist_checkpointing.load(sharded_state_dict, str(iter_dir),
