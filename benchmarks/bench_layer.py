@@ -1,11 +1,17 @@
 """Step time and peak memory of Megatron-Core GPT layers: plain residual vs mHC (GPU).
 
-    python benchmarks/bench_layer.py [--hidden 4096] [--seq 4096] [--micro-batch 2] [--layers 4]
+    python benchmarks/bench_layer.py [--impl te,local] [--hidden 4096] [--seq 4096]
+                                     [--micro-batch 2] [--layers 4]
 
-Times forward + backward of a ``TransformerBlock`` of ``--layers`` GPT layers (local spec,
-RMSNorm, attention through SDPA's flash kernels since Transformer-Engine is not assumed), bf16,
-for the plain residual and for mHC n=4 with the eager PyTorch ops and with the fused Triton ops.
-The mHC block includes the stream expansion (first layer) and merge (last layer).
+Times forward + backward of a ``TransformerBlock`` of ``--layers`` GPT layers, bf16, for the plain
+residual and for mHC n=4 with each ``--backends`` kernel set, on each ``--impl``:
+
+* ``te``: Megatron's Transformer-Engine layer spec (fused norm+linear, TE attention), the stack
+  users train with and the baseline of every comparison (needs Transformer-Engine);
+* ``local``: Megatron's local spec (RMSNorm), attention through PyTorch SDPA's flash kernels.
+
+Every variant of every impl is timed in the same interleaved rounds. The mHC block includes the
+stream expansion (first layer) and merge (last layer).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _specs import bf16_config, init_single_gpu, sdpa_gpt_layer_spec  # noqa: E402
 
 
-def build_block(args, variant: str, backend: str, recompute_block=None):
+def build_block(args, impl: str, variant: str, backend: str, recompute_block=None):
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_mhc import MHCConfig
@@ -29,13 +35,24 @@ def build_block(args, variant: str, backend: str, recompute_block=None):
                          num_attention_heads=args.heads, ffn_hidden_size=4 * args.hidden)
     mhc = None if variant == "plain" else MHCConfig(
         expansion_rate=args.n, kernel_backend=backend, recompute_block=recompute_block)
-    return TransformerBlock(config, sdpa_gpt_layer_spec(mhc)).cuda()
+    if impl == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        from megatron_mhc.core.specs import get_gpt_layer_with_mhc_spec
+
+        spec = (get_gpt_layer_with_transformer_engine_spec() if mhc is None
+                else get_gpt_layer_with_mhc_spec(mhc, use_transformer_engine=True))
+    else:
+        spec = sdpa_gpt_layer_spec(mhc)
+    return TransformerBlock(config, spec).cuda()
 
 
-def make_step(args, variant: str, backend: str, recompute_block=None):
+def make_step(args, impl: str, variant: str, backend: str, recompute_block=None):
     """A block of the variant and a closure running one forward + backward on fixed inputs."""
     torch.manual_seed(0)
-    block = build_block(args, variant, backend, recompute_block)
+    block = build_block(args, impl, variant, backend, recompute_block)
     x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",
                     dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
@@ -64,8 +81,8 @@ def measure_all(args, variants):
     """Median step time over interleaved rounds (so clock drift hits every variant alike)."""
     import triton
 
-    steps = {name: make_step(args, variant, backend, block)
-             for name, variant, backend, block in variants}
+    steps = {name: make_step(args, impl, variant, backend, block)
+             for name, impl, variant, backend, block in variants}
     for step in steps.values():  # compile, autotune, warm up
         for _ in range(3):
             step()
@@ -80,41 +97,63 @@ def measure_all(args, variants):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", default="te,local",
+                        help="comma-separated layer implementations: te (Transformer-Engine spec, "
+                             "the baseline) and/or local (Megatron's local spec + SDPA)")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--backends", default="torch,triton",
+    parser.add_argument("--backends", default="triton",
                         help="comma-separated mHC kernel backends to time (torch, triton, tilelang)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--recompute-blocks", type=int, nargs="*", default=[],
                         help="also time mHC (triton) with these L_r (0: the paper's optimum)")
     args = parser.parse_args(argv)
+    impls = args.impl.split(",")
+    if not set(impls) <= {"te", "local"} or not impls:
+        parser.error(f"--impl {args.impl}: allowed te, local or te,local")
     if not torch.cuda.is_available():
         sys.exit("bench_layer.py needs a CUDA GPU")
+    if "te" in impls:
+        from megatron_mhc.core.backends import transformer_engine_availability
+
+        te = transformer_engine_availability()
+        if not te.available:
+            sys.exit(f"bench_layer.py --impl te needs Transformer-Engine: {te.reason} "
+                     "(stage it with tools/device/, or pass --impl local)")
     init_single_gpu()
 
-    variants = [("plain residual", "plain", "torch", None)] + [
-        (f"mHC n={args.n}, {backend} ops", "mhc", backend, None)
-        for backend in args.backends.split(",")
-    ] + [
-        (f"mHC n={args.n}, triton ops, recompute L_r={block or 'auto'}", "mhc", "triton", block)
-        for block in args.recompute_blocks
-    ]
+    variants = []
+    for impl in impls:
+        tag = "TE" if impl == "te" else "local"
+        variants += [(f"{tag}: plain residual", impl, "plain", "torch", None)] + [
+            (f"{tag}: mHC n={args.n}, {backend} ops", impl, "mhc", backend, None)
+            for backend in args.backends.split(",")
+        ] + [
+            (f"{tag}: mHC n={args.n}, triton ops, recompute L_r={block or 'auto'}", impl, "mhc",
+             "triton", block)
+            for block in args.recompute_blocks
+        ]
     results = measure_all(args, variants)
-    plain_ms, plain_mem = results[0][1], results[0][2]
+    baselines = {impl: next(r for r, v in zip(results, variants) if v[1] == impl and v[2] == "plain")
+                 for impl in impls}
     print(f"device: {torch.cuda.get_device_name()} | {args.layers} GPT layers, C={args.hidden}, "
           f"seq {args.seq}, micro-batch {args.micro_batch}, bf16, fwd+bwd | median of "
-          f"{args.rounds} interleaved rounds of do_bench(rep=1 s)")
-    print("| variant | step time (ms) | per layer (ms) | overhead vs plain | rounds (ms) "
-          "| peak activation memory (GiB) | memory vs plain |")
-    print("|---|---|---|---|---|---|---|")
-    for name, ms, peak, rounds in results:
+          f"{args.rounds} interleaved rounds of do_bench(rep=1 s) | overheads vs the plain block of "
+          "the same impl; 'vs TE plain' vs the Transformer-Engine plain block")
+    print("| variant | step time (ms) | per layer (ms) | overhead vs plain | vs TE plain "
+          "| rounds (ms) | peak activation memory (GiB) | memory vs plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    te_ms = baselines["te"][1] if "te" in baselines else None
+    for (name, ms, peak, rounds), variant in zip(results, variants):
+        base = baselines[variant[1]]
         spread = ", ".join(f"{r:.1f}" for r in rounds)
-        print(f"| {name} | {ms:.2f} | {ms / args.layers:.2f} | {100 * (ms / plain_ms - 1):+.1f}% "
-              f"| {spread} | {peak / 2**30:.2f} | {peak / plain_mem:.2f}x |")
+        vs_te = f"{100 * (ms / te_ms - 1):+.1f}%" if te_ms else "-"
+        print(f"| {name} | {ms:.2f} | {ms / args.layers:.2f} | {100 * (ms / base[1] - 1):+.1f}% "
+              f"| {vs_te} | {spread} | {peak / 2**30:.2f} | {peak / base[2]:.2f}x |")
     torch.distributed.destroy_process_group()
 
 

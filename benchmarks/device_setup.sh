@@ -1,16 +1,51 @@
 #!/usr/bin/env bash
-# Source on a lent GPU machine (no network) from the repo root: installs what .carry/ holds and
-# this checkout (built from the working tree, so megatron_mhc.kernels / .patches map in as in a
-# wheel) into /tmp/site, and puts /tmp/site on PYTHONPATH.
-#   .carry/megatron_core-0.19.*-*.whl   (pip download megatron-core==0.19.0 for cp312)
-#   .carry/tl_site.tar.xz               (optional: tilelang, tile-kernels and their deps, unpacked
-#                                        from their wheels and xz-compressed to fit one call)
+# Source on a lent GPU machine (no network) from the repository root. The sequence, staged from
+# what `bash tools/device/prepare.sh <Megatron-LM clone>` put in .carry/ (versions pinned in
+# tools/device/versions.env), one device call each, back to back on the same warm machine:
+#
+#   calls 1-4:  bash tools/device/stage_te.sh K                 carry [.carry/te/pK], K = 0..3
+#   call 5:     bash tools/device/build_te.sh && source benchmarks/device_setup.sh && ...
+#                                                              carry [.carry/te/p4, .carry/base]
+#   later:      source benchmarks/device_setup.sh && ...        (nothing carried: /tmp persists)
+#
+# This script installs megatron-core (.carry/base) and this checkout (built from the working tree,
+# so megatron_mhc.kernels / .patches map in as in a wheel) into /tmp/site, copies the Megatron-LM
+# tree to /tmp/mlm with the patch set applied, unpacks the optional TileLang site (.carry/tl), puts
+# /tmp/site on PYTHONPATH and prints what imports (Transformer-Engine when build_te.sh ran).
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/megatron_core-*.whl
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . \
-    || { echo "device_setup.sh: could not build megatron-mhc from the working tree" >&2; return 1 2>/dev/null || exit 1; }
-if [[ -f .carry/tl_site.tar.xz && "${MHC_SKIP_TILELANG:-0}" != 1 ]]; then
-  tar -C /tmp/site -xJf .carry/tl_site.tar.xz
+if [[ ! -d /tmp/site/megatron/core ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/base/megatron_core-*.whl \
+    || { echo "device_setup.sh: no megatron-core wheel in .carry/base (carry it once)" >&2; return 1 2>/dev/null || exit 1; }
 fi
-python3 -c 'import torch, triton, megatron.core as mc, megatron_mhc, megatron_mhc.kernels.triton_ops; print("torch", torch.__version__, "| triton", triton.__version__, "| megatron-core", mc.__version__, "| megatron-mhc", megatron_mhc.__version__, "from", megatron_mhc.__file__, "|", torch.cuda.get_device_name())'
+tree_hash=$(find setup.py pyproject.toml megatron_mhc kernels patches -type f -name '*[a-z]' ! -path '*/__pycache__/*' -print0 \
+    | sort -z | xargs -0 cat | sha1sum | cut -c1-16)
+if [[ "$(cat /tmp/site/.megatron_mhc_tree 2>/dev/null)" != "$tree_hash" ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . \
+    || { echo "device_setup.sh: could not build megatron-mhc from the working tree" >&2; return 1 2>/dev/null || exit 1; }
+  echo "$tree_hash" > /tmp/site/.megatron_mhc_tree
+fi
+if [[ ! -d /tmp/mlm && -d .carry/base/mlm ]]; then
+  cp -r .carry/base/mlm /tmp/mlm && python3 -m megatron_mhc patch apply /tmp/mlm >/dev/null \
+    && echo "device_setup.sh: /tmp/mlm = Megatron-LM $(grep -o 'core_v[0-9.]*' tools/device/versions.env) with the patch set"
+fi
+if [[ -f .carry/tl/tl_site.tar.xz && ! -d /tmp/site/tilelang ]]; then
+  tar -C /tmp/site -xJf .carry/tl/tl_site.tar.xz
+fi
+python3 - <<'PY'
+import torch, triton, megatron.core as mc, megatron_mhc
+from megatron_mhc.core.backends import backend_report, transformer_engine_availability
+te = transformer_engine_availability()
+line = [f"torch {torch.__version__}", f"triton {triton.__version__}", f"megatron-core {mc.__version__}",
+        f"megatron-mhc {megatron_mhc.__version__}", torch.cuda.get_device_name(),
+        f"{torch.cuda.device_count()} GPU(s)"]
+if te.available:
+    import transformer_engine
+    line.append(f"transformer-engine {transformer_engine.__version__}")
+else:
+    line.append(f"no transformer-engine ({te.reason})")
+line += [f"{name}: {'yes' if a.available else 'no (' + a.reason + ')'}" for name, a in backend_report().items()
+         if name != "torch"]
+print(" | ".join(line))
+PY

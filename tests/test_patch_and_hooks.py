@@ -218,6 +218,15 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+@pytest.mark.parametrize("impl", ["local", "full_iteration"])
+def test_cuda_graph_impls_that_capture_the_layer_forward_are_accepted(impl):
+    for argv in (["--enable-mhc"], ["--enable-mhc", "--mhc-variant", "hc"],
+                 ["--enable-mhc", "--mhc-variant", "residual"]):
+        args = _parse(argv + ["--cuda-graph-impl", impl])
+        hooks.validate_mhc_args(args)
+        assert args.cuda_graph_impl == impl
+
+
 def test_flags_build_the_config():
     args = _parse(["--enable-mhc", "--mhc-expansion-rate", "2", "--mhc-recompute-block", "auto",
                    "--mhc-variant", "hc", "--mhc-sinkhorn-iters", "7"])
@@ -259,7 +268,14 @@ def test_overlap_flag_turns_on_megatrons_warmup_flush_p2p_overlap_with_vpp():
     (["--mhc-overlap"], "--mhc-overlap given without --enable-mhc"),
     (["--enable-mhc", "--mhc-expansion-rate", "1"], "--mhc-expansion-rate.*2..16"),
     (["--enable-mhc", "--mhc-gate-init", "-1"], "--mhc-gate-init"),
-    (["--enable-mhc", "--cuda-graph-impl", "local"], "--cuda-graph-impl"),
+    (["--enable-mhc", "--cuda-graph-impl", "transformer_engine"],
+     "--cuda-graph-impl transformer_engine .*allowed: none, local, full_iteration"),
+    (["--enable-mhc", "--mhc-variant", "residual", "--cuda-graph-impl", "transformer_engine"],
+     "--cuda-graph-impl transformer_engine"),
+    (["--enable-mhc", "--cuda-graph-impl", "local", "--mhc-recompute-block", "2"],
+     "--mhc-recompute-block with --cuda-graph-impl local"),
+    (["--enable-mhc", "--cuda-graph-impl", "full_iteration", "--mhc-overlap"],
+     "--mhc-overlap with --cuda-graph-impl full_iteration"),
     (["--enable-mhc", "--mtp-num-layers", "1"], "--mtp-num-layers"),
     (["--enable-mhc", "--mhc-log-interval", "-3"], "--mhc-log-interval"),
 ])

@@ -131,3 +131,33 @@ class MHCConfig:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: ``--cuda-graph-impl`` values the mHC layer runs under.
+CUDA_GRAPH_IMPLS = ("none", "local", "full_iteration")
+
+
+def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig) -> list:
+    """Why ``--cuda-graph-impl`` cannot be used with this mHC configuration (empty: it can).
+
+    ``local`` (per-layer graphs of Megatron's ``CudaGraphManager``) and ``full_iteration`` capture
+    the layer's own ``forward``, so the mHC ops are inside the graph; ``transformer_engine``
+    captures ``_forward_attention`` / ``_forward_mlp`` directly and would skip the mHC merge. The
+    mHC recompute registry and the high-priority merge stream are host-side logic a graph replay
+    does not run, so they are refused with graphs.
+    """
+    impl = cuda_graph_impl or "none"
+    if impl == "none" or mhc_config.is_residual and impl in CUDA_GRAPH_IMPLS:
+        return []
+    if impl not in CUDA_GRAPH_IMPLS:
+        return [f"--cuda-graph-impl {impl} is not supported with mHC (its per-layer capture "
+                "calls the attention and MLP sublayers directly, skipping the mHC mappings); "
+                "allowed: " + ", ".join(CUDA_GRAPH_IMPLS)]
+    problems = []
+    if mhc_config.recompute_block is not None:
+        problems.append(f"--mhc-recompute-block with --cuda-graph-impl {impl}: the mHC recompute "
+                        "runs on the host and a graph replay skips it; drop --mhc-recompute-block")
+    if mhc_config.overlap:
+        problems.append(f"--mhc-overlap with --cuda-graph-impl {impl}: the high-priority merge "
+                        "stream is not captured; drop --mhc-overlap")
+    return problems

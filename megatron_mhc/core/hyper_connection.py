@@ -75,6 +75,11 @@ class HyperConnection(MegatronModule):
             param.sequence_parallel = bool(config.sequence_parallel)
         #: When a list, every forward appends its H_res (detached) here; see megatron_mhc.core.gains.
         self.recorded_h_res: Optional[List[Tensor]] = None
+        #: Under CUDA graphs a replay runs no Python, so instead of appending, every forward copies
+        #: its H_res into this fixed buffer (a copy kernel inside the graph); the gain metrics read
+        #: the latest micro-batch's H_res from it.
+        self.snapshot_h_res = getattr(config, "cuda_graph_impl", "none") not in (None, "none")
+        self.h_res_snapshot: Optional[Tensor] = None
         #: Position in the model: 2 * (layer_number - 1) + (0 attention, 1 MLP); set by the layer.
         self.sublayer_index = 0
         self.reset_parameters()
@@ -97,9 +102,20 @@ class HyperConnection(MegatronModule):
         agg, h_post, h_res = self.ops.enter(
             x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps
         )
-        if self.recorded_h_res is not None:
+        if self.snapshot_h_res:
+            self._snapshot(h_res.detach())
+        elif self.recorded_h_res is not None:
             self.recorded_h_res.append(h_res.detach())
         return agg, h_post, h_res
+
+    def _snapshot(self, h_res: Tensor) -> None:
+        buffer = self.h_res_snapshot
+        if buffer is None or buffer.shape != h_res.shape or buffer.device != h_res.device:
+            # Allocated in the eager warm-up forwards that precede a capture (shapes are static
+            # under graphs), so the buffer is an ordinary allocation, not graph-pool memory.
+            buffer = torch.empty_like(h_res)
+            self.h_res_snapshot = buffer
+        buffer.copy_(h_res)
 
     def merge(self, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         """The next residual state ``H_res x + H_post^T y`` (``[..., n, C]``)."""

@@ -27,7 +27,7 @@ from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 
 from megatron_mhc.core.backends import get_backend_ops, resolve_backend
-from megatron_mhc.core.config import MHCConfig
+from megatron_mhc.core.config import MHCConfig, cuda_graph_problems
 from megatron_mhc.core.hyper_connection import HyperConnection
 from megatron_mhc.core.overlap import run_on_high_priority_stream
 from megatron_mhc.core.pipeline import PIPELINE_STREAMS_ATTR, schedules_are_hooked
@@ -57,9 +57,7 @@ def get_bias_dropout(training: bool, fused: bool):
 
 def check_transformer_config(config: TransformerConfig, mhc_config: MHCConfig) -> None:
     """Refuse Megatron features the mHC layer does not support, naming the flag to change."""
-    problems = []
-    if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
-        problems.append("--cuda-graph-impl must be none with mHC (CUDA graphs are not supported)")
+    problems = list(cuda_graph_problems(getattr(config, "cuda_graph_impl", "none"), mhc_config))
     if getattr(config, "inference_fuse_tp_communication", False):
         problems.append("--inference-fuse-tp-communication is not supported with mHC")
     if getattr(config, "mtp_num_layers", None):

@@ -29,6 +29,7 @@ from megatron_mhc.core.config import (
     KERNEL_BACKENDS,
     VARIANTS,
     MHCConfig,
+    cuda_graph_problems,
 )
 from megatron_mhc.core.pipeline import (  # noqa: F401 - pipeline_hidden_size is a hook
     PIPELINE_STREAMS_ATTR,
@@ -138,10 +139,8 @@ def validate_mhc_args(args: Any) -> None:
             raise ValueError(f"{', '.join(given)} given without {ENABLE_FLAG}: add {ENABLE_FLAG} "
                              "to train with mHC, or drop these flags")
         return
-    mhc_config_from_args(args)  # raises a ValueError naming the flag
-    problems = []
-    if getattr(args, "cuda_graph_impl", "none") not in (None, "none"):
-        problems.append("--cuda-graph-impl must be 'none' with --enable-mhc")
+    mhc_config = mhc_config_from_args(args)  # raises a ValueError naming the flag
+    problems = cuda_graph_problems(getattr(args, "cuda_graph_impl", "none"), mhc_config)
     if getattr(args, "mtp_num_layers", None):
         problems.append("--mtp-num-layers is not supported with --enable-mhc")
     if getattr(args, "inference_fuse_tp_communication", False):

@@ -1,7 +1,9 @@
 """mHC gain metrics during Megatron training (the patched ``train()`` calls ``after_train_step``).
 
 On a logging iteration (every ``--mhc-log-interval``, default ``--log-interval``) each
-``HyperConnection`` records its H_res for the first micro-batch it sees; after the step the per
+``HyperConnection`` records its H_res for the first micro-batch it sees (under CUDA graphs, where a
+replay runs no Python: the last micro-batch's, from the buffer each forward copies it into); after
+the step the per
 sublayer forward gain (max abs row sum) and backward gain (max abs column sum) and the composite
 gains of the products are computed, reduced with MAX over all ranks, printed on rank 0 and written
 to TensorBoard / W&B as ``mhc/*`` and, with ``--mhc-gain-log PATH``, appended to ``PATH`` as one JSON
@@ -56,9 +58,17 @@ def disarm() -> None:
     _ARMED.clear()
 
 
+def _recorded(module: HyperConnection):
+    """The H_res the module recorded this step (under CUDA graphs: its latest snapshot)."""
+    if module.snapshot_h_res:
+        return module.h_res_snapshot
+    return module.recorded_h_res[0] if module.recorded_h_res else None
+
+
 def collect_gains(num_sublayers: int) -> Dict[str, object]:
     """Gains of the recorded H_res, reduced with MAX over ranks (call on every rank)."""
-    recorded = [(m.sublayer_index, m.recorded_h_res[0]) for m in _ARMED if m.recorded_h_res]
+    recorded = [(m.sublayer_index, _recorded(m)) for m in _ARMED]
+    recorded = [(index, h_res) for index, h_res in recorded if h_res is not None]
     # [layer fwd | layer bwd | composite fwd | composite bwd | non-finite flag] per global
     # sublayer (the composite of a sublayer: the product of H_res from the stage's first sublayer
     # up to it), then the stage-local max composite fwd, bwd. Non-finite gains are sent as 0 and

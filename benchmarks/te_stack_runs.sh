@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The Transformer-Engine stack runs of examples/README.md, on a GPU machine after the staging in
+# benchmarks/device_setup.sh's header (TE built, /tmp/mlm patched). One stage per device call:
+#
+#   bash benchmarks/te_stack_runs.sh tests     GPU tests (TE incl. inference, CUDA graphs) on GPU 0 and
+#                                              bench_layer.py --impl te,local on GPU 1 (if present)
+#   bash benchmarks/te_stack_runs.sh parallel  2 GPUs: TP=2+SP, CP=2, PP=2 on TE, mHC then plain
+#   bash benchmarks/te_stack_runs.sh precision 2 GPUs as two 1-GPU jobs at once (mHC on GPU 0,
+#                                              plain on GPU 1): FP8 hybrid, then bf16, 100 its
+#   bash benchmarks/te_stack_runs.sh graphs    the same pairs with --cuda-graph-impl local, then
+#                                              full_iteration
+#   bash benchmarks/te_stack_runs.sh resume    2 GPUs, DP=2 + --use-distributed-optimizer: an
+#                                              uninterrupted run vs one stopped by --exit-interval
+#                                              and resumed; checkpoints compared bit for bit
+#
+# The 12-layer C=768 model of examples/pretrain_gpt_mhc.sh on mock data. mHC flags: the example's
+# defaults (recompute L_r auto) for `parallel` and `resume`; without mHC recompute for
+# `precision` and `graphs` (graphs cannot replay the host-side recompute), so those four pairs
+# compare like with like. Logs go to $OUT/<stage>.tar.xz; the table is printed last.
+set -uo pipefail
+STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|resume}
+source benchmarks/device_setup.sh || exit 1
+export MEGATRON_LM=/tmp/mlm PYTHON=python3 IMPL=te
+LOGS=/tmp/logs/$STAGE && mkdir -p "$LOGS" "${OUT:=/tmp/out}"
+NO_RECOMPUTE="--enable-mhc --mhc-expansion-rate 4 --mhc-log-interval 10"
+
+run() {  # run NAME VAR=VALUE... : one example run, its log in $LOGS/NAME.log
+    local name=$1; shift
+    local t0=$SECONDS
+    env "$@" timeout "${RUN_TIMEOUT:-240}" bash examples/pretrain_gpt_mhc.sh ${EXTRA_ARGS:-} > "$LOGS/$name.log" 2>&1
+    echo "$name: rc=$? in $((SECONDS - t0)) s"
+}
+pair() {  # pair NAME VAR=VALUE... : mHC on GPU 0 and plain on GPU 1 at the same time
+    local name=$1; shift
+    run "${name}_mhc" CUDA_VISIBLE_DEVICES=0 MASTER_PORT=29510 "MHC_ARGS=$NO_RECOMPUTE" "$@" &
+    run "${name}_plain" CUDA_VISIBLE_DEVICES=1 MASTER_PORT=29520 MHC_ARGS= "$@" &
+    wait
+}
+table() {
+    local args=()
+    for log in "$LOGS"/*.log; do args+=("$(basename "$log" .log)=$log"); done
+    python3 benchmarks/summarize_pretrain_logs.py "${args[@]}"
+}
+
+case $STAGE in
+tests)
+    if [[ $(python3 -c 'import torch; print(torch.cuda.device_count())') -ge 2 ]]; then
+        CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_layer.py --impl te,local > "$LOGS/bench_layer.txt" 2>&1 &
+    fi
+    CUDA_VISIBLE_DEVICES=0 MHC_GPU_REPORT=$OUT/gpu_report.jsonl timeout 420 python3 -m pytest -q \
+        -p no:cacheprovider tests/test_gpu_te.py tests/test_cuda_graphs.py \
+        > "$LOGS/pytest.log" 2>&1
+    echo "pytest rc=$?"; wait
+    tail -n 25 "$LOGS/pytest.log"; cat "$OUT/gpu_report.jsonl" 2>/dev/null | cut -c1-300
+    tail -n 8 "$LOGS/bench_layer.txt" 2>/dev/null
+    ;;
+parallel)
+    export ITERS=${ITERS:-20} GPUS=2
+    run tp2_sp_mhc TP=2 SP=1; run tp2_sp_plain TP=2 SP=1 MHC_ARGS=
+    run cp2_mhc CP=2; run cp2_plain CP=2 MHC_ARGS=
+    run pp2_mhc PP=2; run pp2_plain PP=2 MHC_ARGS=
+    table ;;
+precision)
+    export ITERS=${ITERS:-100} GPUS=1
+    pair fp8 FP8=1; pair bf16
+    table ;;
+graphs)
+    export ITERS=${ITERS:-100} GPUS=1
+    pair graphs_local GRAPHS=local
+    [[ "${FULL_ITERATION:-1}" == 1 ]] && pair graphs_full GRAPHS=full_iteration
+    table ;;
+resume)
+    export ITERS=20 GPUS=2 DISTOPT=1 SAVE_INTERVAL=10 NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
+    export CUBLAS_WORKSPACE_CONFIG=:4096:8
+    rm -rf /tmp/ck_full /tmp/ck_resumed
+    run resume_full CKPT=/tmp/ck_full
+    EXTRA_ARGS="--exit-interval 10" run resume_first_half CKPT=/tmp/ck_resumed
+    run resume_second_half CKPT=/tmp/ck_resumed LOAD=/tmp/ck_resumed
+    table
+    for it in 0000010 0000020; do
+        python3 examples/compare_checkpoints.py /tmp/ck_full/iter_$it /tmp/ck_resumed/iter_$it 2>&1 | tail -n 6
+    done ;;
+*) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
+tar -C /tmp/logs -cJf "$OUT/$STAGE.tar.xz" "$STAGE"
