@@ -3,8 +3,9 @@
     python benchmarks/summarize_pretrain_logs.py NAME=LOG [NAME=LOG ...]
 
 Columns: the lm loss at every logged iteration (``--log-interval``), the elapsed time per
-iteration of the last logged window (Megatron averages over the window; the first window holds
-warm-up and compilation, so it is left out) and of all windows after the first, the max allocated
+iteration of the last logged window (Megatron averages over the window) and the mean over the
+windows after the first full one (iteration 1 and the first window hold warm-up, compilation and
+CUDA-graph capture, so they are left out), the max allocated
 memory Megatron reports after the first window, and the last mHC gain line.
 """
 
@@ -30,7 +31,10 @@ def summarize(name: str, path: str) -> str:
         errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
         return f"| {name} | failed: {(errors or ['no iteration logged'])[-1][:160]} | | | | |"
     losses = ", ".join(f"{i}: {loss:.4f}" for i, _, _, loss in rows)
-    steady = [ms for _, _, ms, _ in rows[1:]] or [rows[-1][2]]
+    # Megatron logs iteration 1 alone, then windows of --log-interval; the window ending at the
+    # first interval still holds warm-up (compilation, autotuning, graph capture): both left out.
+    skip = 2 if rows[0][0] == 1 else 1
+    steady = [ms for _, _, ms, _ in rows[skip:]] or [rows[-1][2]]
     memory = MEMORY.search(text)
     gains = GAIN.findall(text)
     gain = f"{gains[-1][1]} / {gains[-1][2]}" if gains else "-"
@@ -40,7 +44,7 @@ def summarize(name: str, path: str) -> str:
 
 
 def main(argv):
-    print("| run | lm loss by iteration | ms/it (last window) | ms/it (mean after first window) "
+    print("| run | lm loss by iteration | ms/it (last window) | ms/it (mean of later windows) "
           "| max allocated (MB) | mHC composite gain fwd / bwd |")
     print("|---|---|---|---|---|---|")
     for item in argv:
