@@ -19,7 +19,7 @@ if [[ ! -d /tmp/site/megatron/core ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/base/megatron_core-*.whl \
     || { echo "device_setup.sh: no megatron-core wheel in .carry/base (carry it once)" >&2; return 1 2>/dev/null || exit 1; }
 fi
-tree_hash=$(find setup.py pyproject.toml megatron_mhc kernels patches -type f -name '*[a-z]' ! -path '*/__pycache__/*' -print0 \
+tree_hash=$(find setup.py pyproject.toml megatron_mhc kernels patches -type f ! -path '*/__pycache__/*' -print0 \
     | sort -z | xargs -0 cat | sha1sum | cut -c1-16)
 if [[ "$(cat /tmp/site/.megatron_mhc_tree 2>/dev/null)" != "$tree_hash" ]]; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . \

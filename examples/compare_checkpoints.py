@@ -37,7 +37,9 @@ def _flatten(prefix: str, value, out: dict) -> None:
 
 
 def _same(x, y) -> bool:
-    """Equality of nested objects that may hold tensors."""
+    """Equality of nested objects that may hold tensors (serialized objects by their bytes)."""
+    x = x.getvalue() if isinstance(x, io.BytesIO) else x
+    y = y.getvalue() if isinstance(y, io.BytesIO) else y
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
         return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
                 and x.dtype == y.dtype and torch.equal(x, y))
@@ -63,17 +65,14 @@ def compare(path_a: Path, path_b: Path) -> int:
         x, y = a[key], b[key]
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
             tensors += 1
-            if x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y):
+            if _same(x, y):
                 equal += 1
             else:
                 diff = ((x.double() - y.double()).abs().max().item()
                         if x.shape == y.shape else float("nan"))
                 differing.append(f"{key}: max |diff| {diff:.3e}")
-        else:
-            x = x.getvalue() if isinstance(x, io.BytesIO) else x
-            y = y.getvalue() if isinstance(y, io.BytesIO) else y
-            if not _same(x, y):
-                differing.append(f"{key}: objects differ")
+        elif not _same(x, y):
+            differing.append(f"{key}: objects differ")
     print(f"{path_a} vs {path_b}: {tensors} tensors, {equal} bit-identical; "
           f"{len(a) - tensors} other entries; {len(differing)} differing; {len(only)} keys in one only")
     for line in (differing + [f"only in one: {k}" for k in only])[:20]:

@@ -290,7 +290,9 @@ def gain_metrics_with_non_finite(ws):
     """The training-log gains of a step whose second sublayer produced NaN mappings."""
     from megatron_mhc.training import metrics
 
-    class Armed:
+    class Armed:  # what collect_gains reads of a HyperConnection (not under CUDA graphs)
+        snapshot_h_res = False
+
         def __init__(self, index, h):
             self.sublayer_index, self.recorded_h_res = index, [h]
 

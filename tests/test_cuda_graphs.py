@@ -11,6 +11,7 @@ import torch
 from fixtures.gpu import (
     build_block,
     destroy_gpu_megatron,
+    forward_backward,
     gpu_config,
     init_gpu_megatron,
     relative_error,
@@ -60,22 +61,6 @@ class _BlockCall(torch.nn.Module):
         return self.block(hidden_states=x, attention_mask=None)
 
 
-def _eager(block, x, grad):
-    x = x.detach().clone().requires_grad_(True)
-    block.zero_grad(set_to_none=True)
-    out = block(hidden_states=x, attention_mask=None)
-    out.backward(grad)
-    return out.detach().clone(), x.grad.clone(), [p.grad.clone() for p in block.parameters()]
-
-
-def _graphed(graphed, block, x, grad):
-    x = x.detach().clone().requires_grad_(True)
-    block.zero_grad(set_to_none=True)
-    out = graphed(x)
-    out.backward(grad)
-    return out.detach().clone(), x.grad.clone(), [p.grad.clone() for p in block.parameters()]
-
-
 SPECS = ["local"] + (["te"] if transformer_engine_availability().available else [])
 
 
@@ -96,9 +81,11 @@ def test_mhc_block_captured_in_a_cuda_graph_matches_eager(impl, backend):
             generator = torch.Generator(device="cuda").manual_seed(100 + seed)
             x = torch.randn(shape, device="cuda", generator=generator)
             grad = torch.randn(shape, device="cuda", generator=generator)
-            expected = _eager(block, x, grad)
-            got = _graphed(graphed, block, x, grad)
-            pairs = [(got[0], expected[0]), (got[1], expected[1])] + list(zip(got[2], expected[2]))
+            expected = forward_backward(block, x, grad)
+            got = forward_backward(block, x, grad, call=graphed)
+            assert got[2].keys() == expected[2].keys()
+            pairs = [(got[0], expected[0]), (got[1], expected[1])] + [
+                (got[2][name], expected[2][name]) for name in expected[2]]
             worst = max([worst] + [relative_error(a, b) for a, b in pairs])
         report("cuda_graph_capture", impl=impl, backend=backend, worst_error=worst)
         assert worst < 1e-5, worst

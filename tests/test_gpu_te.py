@@ -20,6 +20,7 @@ import torch
 from fixtures.gpu import (
     build_block,
     destroy_gpu_megatron,
+    forward_backward,
     gpu_config,
     init_gpu_megatron,
     relative_error,
@@ -42,24 +43,13 @@ def gpu_megatron():
     destroy_gpu_megatron()
 
 
-def _inputs(config, n_streams=1, seed=3):
+def _inputs(config, seed=3):
     generator = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(SEQ, BATCH, config.hidden_size, device="cuda", generator=generator,
                     dtype=config.params_dtype).requires_grad_(True)
     grad = torch.randn(SEQ, BATCH, config.hidden_size, device="cuda", generator=generator,
                        dtype=config.params_dtype)
     return x, grad
-
-
-def _run(block, x, grad):
-    """Output, input gradient and parameter gradients (by name) of one forward + backward."""
-    x = x.detach().clone().requires_grad_(True)
-    block.zero_grad(set_to_none=True)
-    out = block(hidden_states=x, attention_mask=None)
-    out.backward(grad)
-    grads = {name: p.grad.detach().clone() for name, p in block.named_parameters()
-             if p.grad is not None}
-    return out.detach(), x.grad.detach(), grads
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 5e-3), (torch.bfloat16, 3e-2)])
@@ -72,8 +62,8 @@ def test_te_block_matches_local_block_for_the_same_weights(dtype, tolerance):
                                                       strict=False)
     assert not unexpected and all(name.endswith("_extra_state") for name in missing), missing
     x, grad = _inputs(config)
-    te_out, te_dx, te_grads = _run(te_block, x, grad)
-    local_out, local_dx, local_grads = _run(local_block, x, grad)
+    te_out, te_dx, te_grads = forward_backward(te_block, x, grad)
+    local_out, local_dx, local_grads = forward_backward(local_block, x, grad)
     errors = {"output": relative_error(te_out, local_out), "dx": relative_error(te_dx, local_dx)}
     te_named = te_to_local_state(te_grads)
     for name, local_grad in local_grads.items():
@@ -94,8 +84,8 @@ def test_function_preserving_mhc_on_te_equals_plain_te(n):
     assert not unexpected
     assert all("_hc." in name for name in missing), missing
     x, grad = _inputs(config)
-    plain_out, plain_dx, _ = _run(plain, x, grad)
-    mhc_out, mhc_dx, _ = _run(mhc, x, grad)
+    plain_out, plain_dx, _ = forward_backward(plain, x, grad)
+    mhc_out, mhc_dx, _ = forward_backward(mhc, x, grad)
     errors = {"output": relative_error(mhc_out, plain_out), "dx": relative_error(mhc_dx, plain_dx)}
     report("function_preserving_te", n=n, **errors)
     assert errors["output"] < 1e-2 and errors["dx"] < 1e-2, errors
@@ -107,7 +97,7 @@ def test_forward_backward_on_te_for_every_variant(variant, n):
     block = build_block(config, "te", MHCConfig(expansion_rate=n, variant=variant,
                                                 kernel_backend="triton"))
     x, grad = _inputs(config)
-    out, dx, grads = _run(block, x, grad)
+    out, dx, grads = forward_backward(block, x, grad)
     assert out.shape == x.shape and torch.isfinite(out).all() and torch.isfinite(dx).all()
     params = dict(block.named_parameters())
     assert set(grads) == {name for name, p in params.items() if p.requires_grad}
@@ -125,7 +115,7 @@ def test_torch_and_triton_backends_agree_under_te(n):
               for backend in ("torch", "triton")}
     blocks["triton"].load_state_dict(blocks["torch"].state_dict())
     x, grad = _inputs(config)
-    results = {backend: _run(block, x, grad) for backend, block in blocks.items()}
+    results = {backend: forward_backward(block, x, grad) for backend, block in blocks.items()}
     (t_out, t_dx, t_grads), (k_out, k_dx, k_grads) = results["torch"], results["triton"]
     errors = {"output": relative_error(k_out, t_out), "dx": relative_error(k_dx, t_dx)}
     for name in t_grads:

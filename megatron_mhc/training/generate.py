@@ -19,13 +19,14 @@ from typing import List
 import torch
 
 
-def _causal_mask(length: int, device) -> torch.Tensor:
+def causal_mask(length: int, device) -> torch.Tensor:
     """Megatron's boolean causal mask (True = masked), ``[1, 1, length, length]``."""
     mask = torch.triu(torch.ones(length, length, device=device, dtype=torch.bool), diagonal=1)
     return mask.view(1, 1, length, length)
 
 
-def _positions(start: int, stop: int, batch: int, device) -> torch.Tensor:
+def position_ids(start: int, stop: int, batch: int, device) -> torch.Tensor:
+    """Positions ``start .. stop-1`` for each of ``batch`` rows, ``[batch, stop - start]``."""
     return torch.arange(start, stop, device=device).unsqueeze(0).expand(batch, -1)
 
 
@@ -33,8 +34,8 @@ def _positions(start: int, stop: int, batch: int, device) -> torch.Tensor:
 def full_forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Logits ``[b, s, V]`` (float32) of one forward over ``tokens [b, s]``, no cache."""
     batch, length = tokens.shape
-    logits = model(tokens, _positions(0, length, batch, tokens.device),
-                   _causal_mask(length, tokens.device))
+    logits = model(tokens, position_ids(0, length, batch, tokens.device),
+                   causal_mask(length, tokens.device))
     return logits.float()
 
 
@@ -57,11 +58,11 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int):
     device = prompt.device
     tokens = prompt
     step_logits: List[torch.Tensor] = []
-    mask = _causal_mask(total, device)
+    mask = causal_mask(total, device)
     start = 0
     while tokens.shape[1] < total:
         stop = tokens.shape[1]
-        logits = model(tokens[:, start:stop], _positions(start, stop, batch, device),
+        logits = model(tokens[:, start:stop], position_ids(start, stop, batch, device),
                        mask[..., start:stop, :stop], inference_context=context)
         context.increment_sequence_len_offset(stop - start)
         last = logits[:, -1].float()

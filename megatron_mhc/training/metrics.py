@@ -60,7 +60,7 @@ def disarm() -> None:
 
 def _recorded(module: HyperConnection):
     """The H_res the module recorded this step (under CUDA graphs: its latest snapshot)."""
-    if getattr(module, "snapshot_h_res", False):
+    if module.snapshot_h_res:
         return module.h_res_snapshot
     return module.recorded_h_res[0] if module.recorded_h_res else None
 

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mhc.core.config import MHCConfig
 from megatron_mhc.core.specs import get_gpt_layer_with_mhc_spec
+from megatron_mhc.training.generate import causal_mask, position_ids
 from megatron_mhc.training.model_from_args import EAGER_CONFIG_KWARGS
 
 
@@ -145,9 +146,7 @@ def causal_lm_inputs(tokens: torch.Tensor):
     input_ids = tokens[:, :-1].contiguous()
     labels = tokens[:, 1:].contiguous()
     b, s = input_ids.shape
-    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-    mask = torch.triu(torch.ones(s, s, device=tokens.device, dtype=torch.bool), diagonal=1)
-    return input_ids, position_ids, labels, mask.view(1, 1, s, s)
+    return input_ids, position_ids(0, s, b, tokens.device), labels, causal_mask(s, tokens.device)
 
 
 def lm_loss(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
