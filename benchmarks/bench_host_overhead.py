@@ -9,6 +9,8 @@ torch op (the launch floors), the fused entry / merge ops forward and forward + 
 block of ``--layers`` GPT layers plain vs mHC (forward + backward). The GPU time is taken at
 ``--gpu-tokens`` tokens (a real micro-batch) with the launches queued behind a sleep kernel, so
 it is the GPU's work alone; "host / GPU" above 1 means that piece is host-bound at that size.
+The last column counts the GPU kernels one call launches (torch.profiler), the launch budget of
+issue 14 (the sublayer rows: identity sublayer, upstream gradient given, so only mHC kernels).
 """
 
 from __future__ import annotations
@@ -86,10 +88,17 @@ def op_cases(tokens: int, hidden: int, n: int):
             agg, hp, hr = triton_ops.enter(x, phi, alpha, bias)
         triton_ops.post_res_merge(x.detach(), y.detach(), hp, hr)
 
+    d_out = torch.randn(tokens, n, hidden, device=dev, dtype=dt)
+
     def sublayer_fwd_bwd():
         agg, hp, hr = triton_ops.enter(x, phi, alpha, bias)
-        out = triton_ops.post_res_merge(x, agg + y, hp, hr)
-        out.sum().backward()
+        out = triton_ops.post_res_merge(x, agg, hp, hr)
+        out.backward(d_out)
+
+    def sublayer_fwd_bwd_linked():
+        agg, hp, hr, x_link, link = triton_ops.enter_linked(x, phi, alpha, bias)
+        out = triton_ops.merge_linked(x_link, agg, hp, hr, link)
+        out.backward(d_out)
 
     def residual_fwd_bwd():
         out = x + y.unsqueeze(1)
@@ -100,9 +109,21 @@ def op_cases(tokens: int, hidden: int, n: int):
         ("one torch op (in-place add)", torch_op),
         ("mHC entry op (mappings + pre-apply), forward", entry_fwd),
         ("mHC entry + post/res merge, forward", merge_fwd),
-        ("mHC sublayer ops, forward + backward (autograd)", sublayer_fwd_bwd),
+        ("mHC sublayer ops unlinked (enter + merge), forward + backward", sublayer_fwd_bwd),
+        ("mHC sublayer ops linked (enter_linked + merge_linked), forward + backward",
+         sublayer_fwd_bwd_linked),
         ("plain residual add, forward + backward (autograd)", residual_fwd_bwd),
     ]
+
+
+def gpu_kernels(fn) -> int:
+    """Number of GPU kernels (incl. memsets and copies) one call of ``fn`` launches."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def block_cases(tokens: int, args):
@@ -146,8 +167,9 @@ def main(argv=None):
     init_single_gpu()
     print(f"device: {torch.cuda.get_device_name()} | C={args.hidden}, n={args.n}, bf16 | host time "
           f"at {args.tokens} tokens, GPU time at {args.gpu_tokens} tokens (microseconds per call)")
-    print("| piece | host time (us) | GPU time at real size (us) | host / GPU |")
-    print("|---|---|---|---|")
+    print("| piece | host time (us) | GPU time at real size (us) | host / GPU | GPU kernels "
+          "per call |")
+    print("|---|---|---|---|---|")
     host = dict(op_cases(args.tokens, args.hidden, args.n) + block_cases(args.tokens, args))
     gpu = dict(op_cases(args.gpu_tokens, args.hidden, args.n) + block_cases(args.gpu_tokens, args))
     for name, fn in host.items():
@@ -155,7 +177,7 @@ def main(argv=None):
         h = host_us(fn, iters=50 if block else 200)
         big = host_us(gpu[name], iters=10)  # host time at the real size, to size the sleep
         g = gpu_us(gpu[name], big, iters=2 if block else 20)
-        print(f"| {name} | {h:.1f} | {g:.1f} | {h / g:.2f} |")
+        print(f"| {name} | {h:.1f} | {g:.1f} | {h / g:.2f} | {gpu_kernels(host[name])} |")
     if args.profile:
         step = host[f"{args.layers} GPT layers mHC n={args.n} triton, forward + backward"]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

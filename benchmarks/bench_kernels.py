@@ -1,11 +1,19 @@
 """Benchmark of the mHC ops on a GPU: eager PyTorch vs TileKernels vs this project's Triton kernels.
 
-    python benchmarks/bench_kernels.py [--tokens 8192] [--n 4] [--hidden 4096 7168]
+    python benchmarks/bench_kernels.py [--tokens 8192] [--n 4] [--hidden 4096 7168] [--rounds 5]
+                                       [--only ops|sublayer]
 
 For each op, forward and backward: the median time (triton.testing.do_bench), the floor (the
 fewest bytes the op must move, each input read once and each output written once, divided by the
 measured device-to-device copy bandwidth) and the fraction of the floor reached (floor / time).
 TileKernels (DeepSeek's ``tile-kernels``) is timed where it has the same op and is installed.
+
+A second table times one sublayer's whole mHC work (entry + merge around an identity sublayer,
+fwd + bwd) with its peak memory: this project's linked pair (bf16 and tf32 backward GEMMs), the
+unlinked composition, and the peers users could pick instead — Transformer-Engine's
+``transformer_engine.pytorch.triton.mhc`` (with and without its ``fused_grad_x_acc_buffer``,
+allocated once and not re-zeroed between steps: timing only, its values are not checked) and
+Liger-Kernel's ``liger_mhc_*`` — in interleaved rounds of one run.
 """
 
 from __future__ import annotations
@@ -123,8 +131,157 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
             tk_fn = tk_timers.get((name, direction))
             tk_ms = bench(tk_fn) if tk_fn is not None else None
             rows.append((c, name, direction, eager, tk_ms, ours, floor_ms))
+            print_op_row(rows[-1])
     if tk is None:
         print(f"TileKernels not timed: {tk_reason}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# One sublayer's whole mHC work (entry + merge, identity sublayer, fwd + bwd) vs the peers.
+# ---------------------------------------------------------------------------------------------
+def sublayer_floor_bytes(t: int, n: int, c: int, b: int) -> int:
+    """The sum of the four op floors (entry fwd/bwd, merge fwd/bwd; mapping tensors omitted):
+    (8 n C + 5 C) bytes-per-element per token, as in the issue's table."""
+    return t * (8 * n * c + 5 * c) * b
+
+
+def sublayer_steps(t: int, n: int, c: int) -> dict:
+    """name -> (step closure running fwd + bwd on fresh leaves, or None, reason)."""
+    from megatron_mhc.kernels import triton_ops as T
+
+    dt, m = torch.bfloat16, n * n + 2 * n
+    gen = torch.Generator(device="cuda").manual_seed(c + 1)
+    x0 = torch.randn(t, n, c, device="cuda", dtype=dt, generator=gen)
+    phi0 = torch.randn(n * c, m, device="cuda", generator=gen) * 0.01
+    alpha0 = torch.full((3,), 0.01, device="cuda")
+    bias0 = torch.randn(m, device="cuda", generator=gen)
+    grad = torch.randn(t, n, c, device="cuda", dtype=dt, generator=gen)
+
+    def leaves(*tensors):
+        return [v.detach().clone().requires_grad_(True) for v in tensors]
+
+    def ours(linked: bool, dot: str):
+        x, phi, alpha, bias = leaves(x0, phi0.to(dt), alpha0.to(dt), bias0.to(dt))
+
+        def step():
+            T.BACKWARD_DOT_OPERANDS = dot
+            try:
+                if linked:
+                    agg, hp, hr, x_link, link = T.enter_linked(x, phi, alpha, bias)
+                    out = T.merge_linked(x_link, agg, hp, hr, link)
+                else:
+                    agg, hp, hr = T.enter(x, phi, alpha, bias)
+                    out = T.post_res_merge(x, agg, hp, hr)
+                out.backward(grad)
+            finally:
+                T.BACKWARD_DOT_OPERANDS = "input"
+            for v in (x, phi, alpha, bias):
+                v.grad = None
+        return step, ""
+
+    steps = {
+        "ours, linked (bf16 bwd GEMMs)": ours(True, "input"),
+        "ours, linked (tf32 bwd GEMMs)": ours(True, "tf32"),
+        "ours, unlinked (enter + merge, autograd dx add)": ours(False, "input"),
+    }
+    try:
+        from transformer_engine.pytorch.triton import mhc as te_mhc
+    except Exception as exc:  # not installed / not built here
+        te_mhc, te_reason = None, f"{type(exc).__name__}: {exc}"
+    else:
+        te_reason = "" if n == 4 else "TE's kernels support n = 4 only"
+    for name, use_buffer in (("Transformer-Engine 2.20", False),
+                             ("Transformer-Engine 2.20, fused_grad_x_acc_buffer", True)):
+        if te_mhc is None or te_reason:
+            steps[name] = (None, te_reason)
+            continue
+        # TE's layout and recipe: x (s, b, C, n) bf16; phi (N, nC), alpha, beta fp32.
+        x, phi, alpha, beta = leaves(x0.transpose(1, 2).reshape(t, 1, c, n).contiguous(),
+                                     phi0.t().contiguous(), alpha0, bias0.view(1, m))
+        buf = torch.empty(x.numel(), device="cuda", dtype=torch.float32) if use_buffer else None
+        g_te = grad.transpose(1, 2).reshape(t, 1, c, n).contiguous()
+
+        def te_step(x=x, phi=phi, alpha=alpha, beta=beta, buf=buf, g_te=g_te):
+            agg, hp, hr = te_mhc.mhc_generate_mix_and_aggregate(
+                x, phi, alpha, beta, fused_grad_x_acc_buffer=buf)
+            out = te_mhc.mhc_fused_expand_combine(agg, None, hp, x, hr, n,
+                                                  fused_grad_x_acc_buffer=buf)
+            out.backward(g_te)
+            for v in (x, phi, alpha, beta):
+                v.grad = None
+        steps[name] = (te_step, "")
+    try:
+        from liger_kernel.transformers.functional import (
+            liger_mhc_coeffs,
+            liger_mhc_post_res,
+            liger_mhc_pre,
+        )
+    except Exception as exc:
+        steps["Liger-Kernel"] = (None, f"{type(exc).__name__}: {exc}")
+    else:
+        x, phi, bias, a_pre, a_post, a_res = leaves(x0, phi0.to(dt), bias0, alpha0[0], alpha0[1],
+                                                    alpha0[2])
+
+        def liger_step():
+            hp_, hpost, hres = liger_mhc_coeffs(x, phi, bias, a_pre, a_post, a_res)
+            agg = liger_mhc_pre(x, hp_)
+            out = liger_mhc_post_res(x, agg, hpost, hres)
+            out.backward(grad)
+            for v in (x, phi, bias, a_pre, a_post, a_res):
+                v.grad = None
+        steps["Liger-Kernel"] = (liger_step, "")
+    return steps
+
+
+def run_sublayer(tokens: int, n: int, hidden: int, bandwidth: float, rounds: int, rows: list):
+    """Interleaved rounds of every available sublayer variant: median time and peak memory."""
+    steps = sublayer_steps(tokens, n, hidden)
+    live = {name: fn for name, (fn, _) in steps.items() if fn is not None}
+    peaks = {}
+    for name, fn in live.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+    times = {name: [] for name in live}
+    for _ in range(rounds):
+        for name, fn in live.items():
+            times[name].append(bench(fn))
+    floor_ms = sublayer_floor_bytes(tokens, n, hidden, 2) / bandwidth * 1e3
+    for name, (fn, reason) in steps.items():
+        if fn is None:
+            rows.append((hidden, name, None, None, floor_ms, reason))
+        else:
+            ts = sorted(times[name])
+            rows.append((hidden, name, ts[len(ts) // 2], peaks[name], floor_ms, ""))
+
+
+def print_sublayer(rows, tokens: int, n: int, rounds: int) -> None:
+    print(f"\nOne sublayer's whole mHC work: entry + merge, identity sublayer, fwd + bwd, T={tokens} "
+          f"n={n} bf16 x; median of {rounds} interleaved rounds; floor = sum of the four op floors "
+          "(8nC + 5C elements per token); peak = memory above the inputs during one step")
+    print("| C | implementation | time (us) | % of floor | peak memory (MiB) |")
+    print("|---|---|---|---|---|")
+    for c, name, ms, peak, floor_ms, reason in rows:
+        if ms is None:
+            print(f"| {c} | {name} | not run: {reason[:120]} | | |")
+        else:
+            print(f"| {c} | {name} | {ms * 1e3:.0f} | {100 * floor_ms / ms:.0f}% | "
+                  f"{peak / 2**20:.0f} |")
+
+
+def print_op_row(row) -> None:
+    """One row of the per-op table (printed as soon as it is measured)."""
+    c, name, direction, eager, tk_ms, ours, floor_ms = row
+    tk_txt = f"{tk_ms * 1e3:.1f}" if tk_ms is not None else "n/a"
+    tk_pct = f"{100 * floor_ms / tk_ms:.0f}%" if tk_ms is not None else "n/a"
+    print(f"| {c} | {name} | {direction} | {eager * 1e3:.1f} | {tk_txt} | {ours * 1e3:.1f} | "
+          f"{floor_ms * 1e3:.1f} | {100 * floor_ms / ours:.0f}% | {tk_pct} | "
+          f"{eager / ours:.1f}x |", flush=True)
 
 
 def main(argv=None) -> None:
@@ -132,24 +289,27 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168])
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds of the whole-sublayer comparison")
+    parser.add_argument("--only", choices=["ops", "sublayer"], default=None,
+                        help="run only the per-op table or only the whole-sublayer table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
     bandwidth = copy_bandwidth()
-    rows: list = []
-    for hidden in args.hidden:
-        run(args.tokens, args.n, hidden, bandwidth, rows)
     print(f"device: {torch.cuda.get_device_name()} | copy bandwidth {bandwidth / 1e12:.2f} TB/s "
           f"(read + write) | T={args.tokens} n={args.n} bf16 | times in microseconds (median)")
-    print("| C | op | dir | eager torch | TileKernels | triton (ours) | floor | ours % of floor "
-          "| TK % of floor | speed-up vs eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for c, name, direction, eager, tk_ms, ours, floor_ms in rows:
-        tk_txt = f"{tk_ms * 1e3:.1f}" if tk_ms is not None else "n/a"
-        tk_pct = f"{100 * floor_ms / tk_ms:.0f}%" if tk_ms is not None else "n/a"
-        print(f"| {c} | {name} | {direction} | {eager * 1e3:.1f} | {tk_txt} | {ours * 1e3:.1f} | "
-              f"{floor_ms * 1e3:.1f} | {100 * floor_ms / ours:.0f}% | {tk_pct} | "
-              f"{eager / ours:.1f}x |")
+    if args.only != "sublayer":
+        print("| C | op | dir | eager torch | TileKernels | triton (ours) | floor | "
+              "ours % of floor | TK % of floor | speed-up vs eager |")
+        print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        for hidden in args.hidden:
+            run(args.tokens, args.n, hidden, bandwidth, [])
+    if args.only != "ops":
+        for hidden in args.hidden:
+            sublayer_rows: list = []
+            run_sublayer(args.tokens, args.n, hidden, bandwidth, args.rounds, sublayer_rows)
+            print_sublayer(sublayer_rows, args.tokens, args.n, args.rounds)
 
 
 if __name__ == "__main__":

@@ -49,17 +49,37 @@ def build_block(args, impl: str, variant: str, backend: str, recompute_block=Non
     return TransformerBlock(config, spec).cuda()
 
 
+#: Kernel-set variants of the triton backend (``--backends``), for before/after pairs in one run:
+#: ``triton-unlinked`` composes enter + merge (autograd adds the two dx), ``triton-tf32`` runs the
+#: mapping backward's GEMMs on tf32 instead of bf16 operands.
+TRITON_VARIANTS = ("triton-unlinked", "triton-tf32")
+
+
 def make_step(args, impl: str, variant: str, backend: str, recompute_block=None):
     """A block of the variant and a closure running one forward + backward on fixed inputs."""
+    import dataclasses
+
     torch.manual_seed(0)
-    block = build_block(args, impl, variant, backend, recompute_block)
+    kernel_set = "triton" if backend in TRITON_VARIANTS else backend
+    block = build_block(args, impl, variant, kernel_set, recompute_block)
+    if backend == "triton-unlinked":
+        from megatron_mhc.core.hyper_connection import HyperConnection
+
+        for module in block.modules():
+            if isinstance(module, HyperConnection):
+                module.ops = dataclasses.replace(module.ops, enter_linked=None, merge_linked=None)
+    dot = "tf32" if backend == "triton-tf32" else "input"
     x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",
                     dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
     def step():
+        from megatron_mhc.kernels import triton_ops
+
+        triton_ops.BACKWARD_DOT_OPERANDS = dot
         out = block(hidden_states=x, attention_mask=None)
         out.backward(grad)
+        triton_ops.BACKWARD_DOT_OPERANDS = "input"
         x.grad = None
         for p in block.parameters():
             p.grad = None
@@ -107,7 +127,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--backends", default="triton",
-                        help="comma-separated mHC kernel backends to time (torch, triton, tilelang)")
+                        help="comma-separated mHC kernel backends to time (torch, triton, tilelang, "
+                             "and the before/after sets " + ", ".join(TRITON_VARIANTS) + ")")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--recompute-blocks", type=int, nargs="*", default=[],
                         help="also time mHC (triton) with these L_r (0: the paper's optimum)")

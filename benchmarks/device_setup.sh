@@ -8,7 +8,7 @@
 #                                                              carry [.carry/te/p4, .carry/base]
 #   later:      source benchmarks/device_setup.sh && ...        (nothing carried: /tmp persists)
 #
-# This script installs megatron-core (.carry/base) and this checkout (built from the working tree,
+# This script installs megatron-core and liger-kernel (.carry/base) and this checkout (built from the working tree,
 # so megatron_mhc.kernels / .patches map in as in a wheel) into /tmp/site, copies the Megatron-LM
 # tree to /tmp/mlm with the patch set applied, unpacks the optional TileLang site (.carry/tl), puts
 # /tmp/site on PYTHONPATH and prints what imports (Transformer-Engine when build_te.sh ran).
@@ -21,6 +21,9 @@ if [[ ! -d /tmp/site/megatron/core ]]; then
 fi
 tree_hash=$(find setup.py pyproject.toml megatron_mhc kernels patches -type f ! -path '*/__pycache__/*' -print0 \
     | sort -z | xargs -0 cat | sha1sum | cut -c1-16)
+if [[ ! -d /tmp/site/liger_kernel ]] && compgen -G ".carry/base/liger_kernel-*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/base/liger_kernel-*.whl
+fi
 if [[ "$(cat /tmp/site/.megatron_mhc_tree 2>/dev/null)" != "$tree_hash" ]]; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . \
     || { echo "device_setup.sh: could not build megatron-mhc from the working tree" >&2; return 1 2>/dev/null || exit 1; }

@@ -182,11 +182,17 @@ def _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_pt
 def mappings_bwd_kernel(
     proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
     dh_pre_ptr, dh_post_ptr, dh_res_ptr,
-    dproj_ptr, coef_ptr, dalpha_ptr, dbias_ptr, lse_scratch_ptr,
-    T, K,
+    dproj_ptr, coef_ptr, dalpha_part_ptr, dbias_part_ptr, lse_scratch_ptr,
+    T, K, CB,
     N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
     VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
 ):
+    """dH -> d(proj), the norm coefficient per token, and this block's alpha/bias partials.
+
+    dH_post and dH_res arrive as CB partials per token ([T, CB, n] and [T, CB, n, n], summed here:
+    the post/res merge backward's per-C-block results, or CB = 1); the alpha and bias gradients
+    leave as sums over this program's BT tokens ([T/BT, 3] and [T/BT, M]) for ``param_grads_kernel``.
+    """
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     row_ok = rows < T
@@ -194,10 +200,15 @@ def mappings_bwd_kernel(
     z_pre, z_post, z_res, dyn_pre, dyn_post, dyn_res, m2, m3 = _load_logits(
         proj_ptr, rinv, alpha_ptr, bias_ptr, rows, row_ok, N, NP, M, VARIANT_MHC)
     ii = tl.arange(0, NP)
-    res_idx = rows[:, None, None] * (N * N) + ii[None, :, None] * N + ii[None, None, :]
     dh_pre = tl.load(dh_pre_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
-    dh_post = tl.load(dh_post_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
-    dh_res = tl.load(dh_res_ptr + res_idx, mask=m3, other=0.0)
+    dh_post = tl.zeros([BT, NP], dtype=tl.float32)
+    dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
+    res_in_row = ii[None, :, None] * N + ii[None, None, :]
+    for cb in range(CB):
+        dh_post += tl.load(dh_post_ptr + (rows[:, None] * CB + cb) * N + ii[None, :], mask=m2,
+                           other=0.0)
+        dh_res += tl.load(dh_res_ptr + (rows[:, None, None] * CB + cb) * (N * N) + res_in_row,
+                          mask=m3, other=0.0)
     a_pre = tl.load(alpha_ptr + 0).to(tl.float32)
     a_post = tl.load(alpha_ptr + 1).to(tl.float32)
     a_res = tl.load(alpha_ptr + 2).to(tl.float32)
@@ -270,12 +281,16 @@ def mappings_bwd_kernel(
     tl.store(dproj_ptr + rows[:, None] * M + ii[None, :], dproj_pre, mask=m2)
     tl.store(dproj_ptr + rows[:, None] * M + N + ii[None, :], dproj_post, mask=m2)
     tl.store(dproj_ptr + rows[:, None, None] * M + res_off[None, :, :], dproj_res, mask=m3)
-    tl.store(dbias_ptr + rows[:, None] * M + ii[None, :], dz_pre, mask=m2)
-    tl.store(dbias_ptr + rows[:, None] * M + N + ii[None, :], dz_post, mask=m2)
-    tl.store(dbias_ptr + rows[:, None, None] * M + res_off[None, :, :], dz_res, mask=m3)
-    tl.store(dalpha_ptr + rows * 3 + 0, da_pre, mask=row_ok)
-    tl.store(dalpha_ptr + rows * 3 + 1, da_post, mask=row_ok)
-    tl.store(dalpha_ptr + rows * 3 + 2, da_res, mask=row_ok)
+    # This block's sums over its tokens (rows past T contribute exact zeros).
+    i_ok = ii < N
+    tl.store(dbias_part_ptr + pid * M + ii, tl.sum(tl.where(m2, dz_pre, 0.0), axis=0), mask=i_ok)
+    tl.store(dbias_part_ptr + pid * M + N + ii, tl.sum(tl.where(m2, dz_post, 0.0), axis=0),
+             mask=i_ok)
+    tl.store(dbias_part_ptr + pid * M + res_off, tl.sum(tl.where(m3, dz_res, 0.0), axis=0),
+             mask=i_ok[:, None] & i_ok[None, :])
+    tl.store(dalpha_part_ptr + pid * 3 + 0, tl.sum(tl.where(row_ok, da_pre, 0.0), axis=0))
+    tl.store(dalpha_part_ptr + pid * 3 + 1, tl.sum(tl.where(row_ok, da_post, 0.0), axis=0))
+    tl.store(dalpha_part_ptr + pid * 3 + 2, tl.sum(tl.where(row_ok, da_res, 0.0), axis=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,24 +299,33 @@ def mappings_bwd_kernel(
 def _norm_proj_bwd_configs():
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BK": 64, "BT": 32}, num_warps=4)]
+    # The four best of ten tile shapes measured on an H100 (benchmarks/probe_norm_proj_bwd.py;
+    # T=8192, n=4, C=4096/7168: 128x64 with 4 warps and 4 stages first, the rest within 20 %).
     return [
         triton.Config({"BK": bk, "BT": bt}, num_warps=w, num_stages=st)
-        for bk, bt, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2),
-                              (128, 32, 4, 3), (32, 64, 4, 3))
+        for bk, bt, w, st in ((128, 64, 4, 4), (64, 128, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3))
     ]
 
 
-@triton.autotune(configs=_norm_proj_bwd_configs(), key=["K", "C", "M", "WITH_PRE"],
-                 reset_to_zero=[])
+@triton.autotune(configs=_norm_proj_bwd_configs(),
+                 key=["K", "C", "M", "WITH_PRE", "ADD_DX", "DOT_MODE"],
+                 reset_to_zero=[], restore_value=["dx_ptr"])
 @triton.jit
 def norm_proj_bwd_kernel(
-    x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr, h_pre_ptr, d_agg_ptr,
+    x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr, h_pre_ptr, d_agg_ptr, dx_add_ptr,
     T, K, C, rows_per_split,
     N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
-    DOT_IEEE: tl.constexpr, WITH_PRE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DOT_MODE: tl.constexpr, WITH_PRE: tl.constexpr, ADD_DX: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):
-    # WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
-    # fused entry op writes its whole dx in this one pass.
+    """dx = dproj @ phi^T + coef * x (+ pre-apply term, + dx_add), dphi partial = x^T @ dproj.
+
+    WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
+    fused entry op writes its whole dx in this one pass. ADD_DX: also add ``dx_add`` (the post/res
+    merge's dx of the same stream; ``dx_add_ptr`` may be ``dx_ptr`` itself: each element is read
+    before it is written by the same program). DOT_MODE 0: both GEMMs on x's 16-bit dtype
+    (dproj and phi rounded to it, fp32 accumulation); 1: float32 ieee; 2: float32 via tf32.
+    """
     kb = tl.program_id(0)
     split = tl.program_id(1)
     ks = kb * BK + tl.arange(0, BK)
@@ -309,7 +333,11 @@ def norm_proj_bwd_kernel(
     cols_m = tl.arange(0, BM)
     m_ok = cols_m < M
     phi_t = tl.load(phi_ptr + ks[:, None] * M + cols_m[None, :],
-                    mask=k_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)  # [BK, BM]
+                    mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # [BK, BM]
+    if DOT_MODE == 0:
+        phi_t = phi_t.to(x_ptr.dtype.element_ty)
+    else:
+        phi_t = phi_t.to(tl.float32)
     dphi = tl.zeros([BK, BM], dtype=tl.float32)
     t_begin = split * rows_per_split
     for t0 in range(t_begin, t_begin + rows_per_split, BT):
@@ -321,13 +349,20 @@ def norm_proj_bwd_kernel(
         dp = tl.load(dproj_ptr + rows[:, None] * M + cols_m[None, :],
                      mask=row_ok[:, None] & m_ok[None, :], other=0.0)  # [BT, BM] fp32
         coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        if DOT_IEEE:
+        if DOT_MODE == 0:
+            dp16 = dp.to(xt.dtype)
+            dxt = tl.dot(dp16, tl.trans(phi_t))
+            dphi = tl.dot(tl.trans(xt), dp16, dphi)
+        elif DOT_MODE == 1:
             dxt = tl.dot(dp, tl.trans(phi_t), input_precision="ieee")
             dphi = tl.dot(tl.trans(xf), dp, dphi, input_precision="ieee")
         else:
-            dxt = tl.dot(dp, tl.trans(phi_t))
-            dphi = tl.dot(tl.trans(xf), dp, dphi)
+            dxt = tl.dot(dp, tl.trans(phi_t), input_precision="tf32")
+            dphi = tl.dot(tl.trans(xf), dp, dphi, input_precision="tf32")
         dxt += coef[:, None] * xf
+        if ADD_DX:
+            dxt += tl.load(dx_add_ptr + rows[:, None] * K + ks[None, :],
+                           mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if WITH_PRE:
             m2 = row_ok[:, None] & k_ok[None, :]
             da = tl.load(d_agg_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0)
@@ -454,3 +489,41 @@ def post_res_bwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, dout_ptr,
                  dxj.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dh_res_part_ptr + part[:, None] * (N * N) + ii[None, :] * N + j,
                  tl.sum(d3 * xj[:, None, :], axis=2), mask=m2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter gradients: the partial sums of dphi (per T-split), dalpha and dbias (per token block)
+# reduced and written in the parameters' own dtypes, in one launch.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def param_grads_kernel(dphi_part_ptr, dphi_ptr, dalpha_part_ptr, dalpha_ptr, dbias_part_ptr,
+                       dbias_ptr, K, SPLITS, G,
+                       M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr):
+    """Programs 0 .. cdiv(K, BK)-1: dphi rows [BK, M] summed over SPLITS; the last program:
+    dalpha [3] and dbias [M] summed over G token blocks."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BM)
+    m_ok = cols < M
+    if pid < tl.cdiv(K, BK):
+        ks = pid * BK + tl.arange(0, BK)
+        mask = (ks < K)[:, None] & m_ok[None, :]
+        offs = ks[:, None] * M + cols[None, :]
+        acc = tl.zeros([BK, BM], dtype=tl.float32)
+        for sp in range(SPLITS):
+            acc += tl.load(dphi_part_ptr + sp * K * M + offs, mask=mask, other=0.0)
+        tl.store(dphi_ptr + offs, acc.to(dphi_ptr.dtype.element_ty), mask=mask)
+    else:
+        bias_acc = tl.zeros([BG, BM], dtype=tl.float32)
+        a3 = tl.arange(0, 4)
+        alpha_acc = tl.zeros([BG, 4], dtype=tl.float32)
+        for g0 in range(0, G, BG):
+            gs = g0 + tl.arange(0, BG)
+            g_ok = gs < G
+            bias_acc += tl.load(dbias_part_ptr + gs[:, None] * M + cols[None, :],
+                                mask=g_ok[:, None] & m_ok[None, :], other=0.0)
+            alpha_acc += tl.load(dalpha_part_ptr + gs[:, None] * 3 + a3[None, :],
+                                 mask=g_ok[:, None] & (a3 < 3)[None, :], other=0.0)
+        tl.store(dbias_ptr + cols, tl.sum(bias_acc, axis=0).to(dbias_ptr.dtype.element_ty),
+                 mask=m_ok)
+        tl.store(dalpha_ptr + a3, tl.sum(alpha_acc, axis=0).to(dalpha_ptr.dtype.element_ty),
+                 mask=a3 < 3)

@@ -93,29 +93,53 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
     return x2, phi_c, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res
 
 
-def _mappings_backward(saved, n, variant_mhc, iters, dh_pre, dh_post, dh_res, d_agg=None,
-                       h_pre=None):
-    """dx, dphi (float32), dalpha, dbias (float32) of the mappings; with ``d_agg`` and ``h_pre``
-    the pre-apply's dx term is added in the same pass over x (the fused entry op)."""
+#: Operands of the two GEMMs in the mapping backward (dx = dproj @ phi^T, dphi = x^T @ dproj) when x
+#: is 16-bit: "input" rounds dproj and phi to x's dtype (fp32 accumulation, as Megatron's own
+#: dgrad/wgrad GEMMs; errors in benchmarks/NOTES_kernels.md), "tf32" computes on float32 copies.
+#: float32 x always uses ieee float32; the interpreter (no 16-bit dot) always tf32.
+BACKWARD_DOT_OPERANDS = os.environ.get("MHC_BACKWARD_DOT_OPERANDS", "input")
+
+
+def _backward_dot_mode(dtype: torch.dtype) -> int:
+    if dtype == torch.float32:
+        return 1
+    if _INTERPRET or BACKWARD_DOT_OPERANDS == "tf32":
+        return 2
+    if BACKWARD_DOT_OPERANDS != "input":
+        raise ValueError(f"MHC_BACKWARD_DOT_OPERANDS={BACKWARD_DOT_OPERANDS!r}: allowed input, tf32")
+    return 0
+
+
+def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res,
+                       cb=1, d_agg=None, h_pre=None, dx_add=None, dx_out=None):
+    """dx and the parameter grads (in ``param_dtypes``) of the mappings, in four launches.
+
+    ``dh_post`` / ``dh_res`` are ``[T, cb, n]`` / ``[T, cb, n, n]`` partial sums (cb = 1: the
+    gradients themselves). With ``d_agg`` and ``h_pre`` the pre-apply's dx term is added in the
+    same pass over x (the fused entry op); with ``dx_add`` another dx of the same stream is added
+    (the linked merge's); ``dx_out`` is where dx goes (may be ``dx_add`` itself).
+    """
     x2, phi_c, alpha_f, bias_f, proj, rinv = saved
     t, kdim = x2.shape
     c = kdim // n
     m = n * n + 2 * n
+    bm = _pow2(m, 16)
     np_ = _pow2(n)
     dev = x2.device
     dproj = torch.empty(t, m, device=dev, dtype=torch.float32)
     coef = torch.empty(t, device=dev, dtype=torch.float32)
-    dalpha_t = torch.empty(t, 3, device=dev, dtype=torch.float32)
-    dbias_t = torch.empty(t, m, device=dev, dtype=torch.float32)
+    bt = 16
+    blocks = _cdiv(t, bt)
+    dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
+    dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
     scratch = torch.empty(t, 2 * iters * np_ if variant_mhc else 1, device=dev,
                           dtype=torch.float32)
-    bt = 16
-    K.mappings_bwd_kernel[(_cdiv(t, bt),)](
+    K.mappings_bwd_kernel[(blocks,)](
         proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
-        dproj, coef, dalpha_t, dbias_t, scratch, t, kdim,
+        dproj, coef, dalpha_part, dbias_part, scratch, t, kdim, cb,
         N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=4,
     )
-    dx = torch.empty_like(x2)
+    dx = torch.empty_like(x2) if dx_out is None else dx_out
     # T-splits of whole 128-row chunks (every autotuned BT divides 128), for parallelism.
     splits = max(1, min(8, _cdiv(t, 512)))
     rows_per_split = _cdiv(_cdiv(t, splits), 128) * 128
@@ -125,10 +149,21 @@ def _mappings_backward(saved, n, variant_mhc, iters, dh_pre, dh_post, dh_res, d_
     K.norm_proj_bwd_kernel[lambda meta: (_cdiv(kdim, meta["BK"]), splits)](
         x2, phi_c, dproj, coef, dx, dphi_part,
         h_pre if with_pre else coef, d_agg if with_pre else coef,
+        dx_add if dx_add is not None else dx,
         t, kdim, c, rows_per_split,
-        N=n, M=m, BM=_pow2(m, 16), DOT_IEEE=x2.dtype == torch.float32, WITH_PRE=with_pre,
+        N=n, M=m, BM=bm, DOT_MODE=_backward_dot_mode(x2.dtype), WITH_PRE=with_pre,
+        ADD_DX=dx_add is not None,
     )
-    return dx, dphi_part.sum(0), dalpha_t.sum(0), dbias_t.sum(0)
+    phi_dtype, alpha_dtype, bias_dtype = param_dtypes
+    dphi = torch.empty(kdim, m, device=dev, dtype=phi_dtype)
+    dalpha = torch.empty(3, device=dev, dtype=alpha_dtype)
+    dbias = torch.empty(m, device=dev, dtype=bias_dtype)
+    bk = 64
+    K.param_grads_kernel[(_cdiv(kdim, bk) + 1,)](
+        dphi_part, dphi, dalpha_part, dalpha, dbias_part, dbias, kdim, splits, blocks,
+        M=m, BM=bm, BK=bk, BG=64, num_warps=4,
+    )
+    return dx, dphi, dalpha, dbias
 
 
 def _grad_f32(g, shape, device):
@@ -144,62 +179,128 @@ class _MappingsFunction(torch.autograd.Function):
         *saved, h_pre, h_post, h_res = _mappings_forward(x, phi, alpha, bias, variant_mhc,
                                                           iters, eps)
         ctx.save_for_backward(*saved)
-        ctx.meta = (lead, n, c, variant_mhc, iters, phi.dtype, alpha.dtype, bias.dtype)
+        ctx.meta = (lead, n, c, variant_mhc, iters, (phi.dtype, alpha.dtype, bias.dtype))
         return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
 
     @staticmethod
     def backward(ctx, dh_pre, dh_post, dh_res):
-        lead, n, c, variant_mhc, iters, phi_dtype, alpha_dtype, bias_dtype = ctx.meta
+        lead, n, c, variant_mhc, iters, param_dtypes = ctx.meta
         saved = ctx.saved_tensors
         t, dev = saved[0].shape[0], saved[0].device
         dx, dphi, dalpha, dbias = _mappings_backward(
-            saved, n, variant_mhc, iters, _grad_f32(dh_pre, (t, n), dev),
+            saved, n, variant_mhc, iters, param_dtypes, _grad_f32(dh_pre, (t, n), dev),
             _grad_f32(dh_post, (t, n), dev), _grad_f32(dh_res, (t, n, n), dev))
-        return (dx.view(*lead, n, c), dphi.to(phi_dtype), dalpha.to(alpha_dtype),
-                dbias.to(bias_dtype), None, None, None)
+        return dx.view(*lead, n, c), dphi, dalpha, dbias, None, None, None
+
+
+class SublayerLink:
+    """What the linked merge's backward hands to the entry's backward of the same sublayer.
+
+    The merge backward runs first (it consumes the entry's outputs) and leaves here its dx of the
+    stream (which the entry's dx pass then adds in place, so no separate dx add runs) and its
+    per-C-block partials of dH_post / dH_res (which the mapping backward sums, so no reduction
+    kernels run). The entry backward takes them and clears the link.
+    """
+
+    __slots__ = ("dx", "dh_post_part", "dh_res_part", "stream")
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        self.dx = self.dh_post_part = self.dh_res_part = self.stream = None
+
+
+def _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps):
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    *saved, h_pre, h_post, h_res = _mappings_forward(x, phi, alpha, bias, variant_mhc,
+                                                      iters, eps)
+    x2 = saved[0]
+    t = x2.shape[0]
+    agg = torch.empty(t, c, device=x.device, dtype=x.dtype)
+    bt, bc = 4, 512
+    K.pre_apply_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
+        x2, h_pre, agg, t, c, N=n, BT=bt, BC=bc, num_warps=4)
+    ctx.save_for_backward(*saved, h_pre)
+    ctx.meta = (lead, n, c, variant_mhc, iters, (phi.dtype, alpha.dtype, bias.dtype))
+    return agg.view(*lead, c), h_post.view(*lead, n), h_res.view(*lead, n, n)
+
+
+def _entry_backward(ctx, d_agg, dh_post, dh_res, link=None, d_stream=None):
+    lead, n, c, variant_mhc, iters, param_dtypes = ctx.meta
+    *saved, h_pre = ctx.saved_tensors
+    x2 = saved[0]
+    t, dev = x2.shape[0], x2.device
+    if d_agg is None:
+        d_agg = torch.zeros(t, c, device=dev, dtype=x2.dtype)
+    d_agg = _contig(d_agg.reshape(t, c))
+    dh_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
+    bt, bc = 2, 512
+    K.pre_apply_bwd_kernel[(_cdiv(t, bt),)](
+        x2, h_pre, d_agg, x2, dh_pre, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
+        WRITE_DX=False, num_warps=4)
+    cb, dx_add, dx_out = 1, None, None
+    if link is not None and link.dh_post_part is not None:
+        if link.stream is not None and link.stream != torch.cuda.current_stream(dev):
+            for buf in (link.dx, link.dh_post_part, link.dh_res_part):
+                buf.record_stream(torch.cuda.current_stream(dev))
+        hp_part, hr_part, cb = link.dh_post_part, link.dh_res_part, link.dh_post_part.shape[1]
+        if dh_post is not None or dh_res is not None:  # H_post / H_res used elsewhere too
+            hp_part = hp_part.sum(1, keepdim=True) + _grad_f32(dh_post, (t, 1, n), dev)
+            hr_part = hr_part.sum(1, keepdim=True) + _grad_f32(dh_res, (t, 1, n, n), dev)
+            cb = 1
+        dh_post, dh_res = hp_part, hr_part
+        if d_stream is not None:
+            d_stream = d_stream.reshape(t, n * c)
+            dx_add = d_stream if d_stream.is_contiguous() else d_stream.contiguous()
+            # The merge's own fresh buffer comes back unchanged: dx is written over it in place.
+            if (dx_add.data_ptr() == link.dx.data_ptr() and dx_add.dtype == x2.dtype):
+                dx_out = dx_add
+        link.clear()
+    else:
+        dh_post = _grad_f32(dh_post, (t, n), dev)
+        dh_res = _grad_f32(dh_res, (t, n, n), dev)
+        if d_stream is not None:
+            dx_add = _contig(d_stream.reshape(t, n * c))
+    dx, dphi, dalpha, dbias = _mappings_backward(
+        saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res, cb=cb,
+        d_agg=d_agg, h_pre=h_pre, dx_add=dx_add, dx_out=dx_out)
+    return dx.view(*lead, n, c), dphi, dalpha, dbias
 
 
 class _EntryFunction(torch.autograd.Function):
     """Mappings + pre-apply of one sublayer: (x, phi, alpha, bias) -> (agg, H_post, H_res).
 
-    Backward: one pass for dH_pre (reads x and d_agg), the per-token mapping backward, then one
-    pass that writes the whole dx (projection, norm and pre-apply terms) and dphi.
+    Backward: one pass for dH_pre (reads x and d_agg), the per-token mapping backward, one pass
+    that writes the whole dx (projection, norm and pre-apply terms) and the dphi partials, and one
+    launch for the parameter grads.
     """
 
     @staticmethod
     def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float):
-        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-        *saved, h_pre, h_post, h_res = _mappings_forward(x, phi, alpha, bias, variant_mhc,
-                                                          iters, eps)
-        x2 = saved[0]
-        t = x2.shape[0]
-        agg = torch.empty(t, c, device=x.device, dtype=x.dtype)
-        bt, bc = 4, 512
-        K.pre_apply_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
-            x2, h_pre, agg, t, c, N=n, BT=bt, BC=bc, num_warps=4)
-        ctx.save_for_backward(*saved, h_pre)
-        ctx.meta = (lead, n, c, variant_mhc, iters, phi.dtype, alpha.dtype, bias.dtype)
-        return agg.view(*lead, c), h_post.view(*lead, n), h_res.view(*lead, n, n)
+        return _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps)
 
     @staticmethod
     def backward(ctx, d_agg, dh_post, dh_res):
-        lead, n, c, variant_mhc, iters, phi_dtype, alpha_dtype, bias_dtype = ctx.meta
-        *saved, h_pre = ctx.saved_tensors
-        x2 = saved[0]
-        t, dev = x2.shape[0], x2.device
-        if d_agg is None:
-            d_agg = torch.zeros(t, c, device=dev, dtype=x2.dtype)
-        d_agg = _contig(d_agg.reshape(t, c))
-        dh_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
-        bt, bc = 2, 512
-        K.pre_apply_bwd_kernel[(_cdiv(t, bt),)](
-            x2, h_pre, d_agg, x2, dh_pre, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
-            WRITE_DX=False, num_warps=4)
-        dx, dphi, dalpha, dbias = _mappings_backward(
-            saved, n, variant_mhc, iters, dh_pre, _grad_f32(dh_post, (t, n), dev),
-            _grad_f32(dh_res, (t, n, n), dev), d_agg=d_agg, h_pre=h_pre)
-        return (dx.view(*lead, n, c), dphi.to(phi_dtype), dalpha.to(alpha_dtype),
-                dbias.to(bias_dtype), None, None, None)
+        return (*_entry_backward(ctx, d_agg, dh_post, dh_res), None, None, None)
+
+
+class _LinkedEntryFunction(torch.autograd.Function):
+    """The entry op of a linked pair: also returns ``x`` itself (``x_link``), which the linked
+    merge takes as its stream input. Its dx therefore arrives here as the gradient of ``x_link``
+    and is added in the dx pass, and the dH partials arrive through the ``SublayerLink``."""
+
+    @staticmethod
+    def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float, link):
+        ctx.set_materialize_grads(False)
+        ctx.link = link
+        agg, h_post, h_res = _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps)
+        return agg, h_post, h_res, x
+
+    @staticmethod
+    def backward(ctx, d_agg, dh_post, dh_res, d_stream):
+        grads = _entry_backward(ctx, d_agg, dh_post, dh_res, link=ctx.link, d_stream=d_stream)
+        return (*grads, None, None, None, None)
 
 
 def _check_mapping_args(x, phi, variant: str, name: str) -> None:
@@ -226,6 +327,17 @@ def enter(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
     _check_mapping_args(x, phi, variant, "enter")
     return _EntryFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),
                                 float(eps))
+
+
+def enter_linked(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
+    """``enter`` plus ``(x_link, link)`` for ``merge_linked``: the pair's backward writes the
+    stream's whole dx once (entry + merge terms) with no autograd add and no dH reductions.
+    ``x_link`` is ``x`` (an alias); pass it, not ``x``, to ``merge_linked``."""
+    _check_mapping_args(x, phi, variant, "enter_linked")
+    link = SublayerLink()
+    agg, h_post, h_res, x_link = _LinkedEntryFunction.apply(
+        x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters), float(eps), link)
+    return agg, h_post, h_res, x_link, link
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,42 +381,73 @@ def pre_apply(x, h_pre):
 # ---------------------------------------------------------------------------------------------
 # Post/residual merge
 # ---------------------------------------------------------------------------------------------
+def _post_res_forward(ctx, x, y, h_post, h_res):
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    x3 = _contig(x.reshape(-1, n, c))
+    t = x3.shape[0]
+    y2 = _contig(y.reshape(t, c))
+    hp = _f32(h_post.reshape(t, n))
+    hr = _f32(h_res.reshape(t, n, n))
+    out = torch.empty_like(x3)
+    bt, bc = 2, 512
+    K.post_res_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
+        x3, y2, hp, hr, out, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
+    ctx.save_for_backward(x3, y2, hp, hr)
+    ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
+    return out.view(*lead, n, c)
+
+
+def _post_res_backward(ctx, dout):
+    """dx, dy and the per-C-block partials of dH_post [T, CB, n] and dH_res [T, CB, n, n]."""
+    x3, y2, hp, hr = ctx.saved_tensors
+    y_dtype = ctx.meta[1]
+    t, n, c = x3.shape
+    d = _contig(dout.reshape(t, n, c))
+    dx = torch.empty_like(x3)
+    dy = torch.empty(t, c, device=x3.device, dtype=y_dtype)
+    bt, bc = 2, 512
+    cb = _cdiv(c, bc)
+    dhp_part = torch.empty(t, cb, n, device=x3.device, dtype=torch.float32)
+    dhr_part = torch.empty(t, cb, n, n, device=x3.device, dtype=torch.float32)
+    K.post_res_bwd_kernel[(_cdiv(t, bt), cb)](
+        x3, y2, hp, hr, d, dx, dy, dhp_part, dhr_part, t, c, cb, N=n, NP=_pow2(n), BT=bt,
+        BC=bc, num_warps=4)
+    return dx, dy, dhp_part, dhr_part
+
+
 class _PostResFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, h_post, h_res):
-        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-        x3 = _contig(x.reshape(-1, n, c))
-        t = x3.shape[0]
-        y2 = _contig(y.reshape(t, c))
-        hp = _f32(h_post.reshape(t, n))
-        hr = _f32(h_res.reshape(t, n, n))
-        out = torch.empty_like(x3)
-        bt, bc = 2, 512
-        K.post_res_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
-            x3, y2, hp, hr, out, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
-        ctx.save_for_backward(x3, y2, hp, hr)
-        ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
-        return out.view(*lead, n, c)
+        return _post_res_forward(ctx, x, y, h_post, h_res)
 
     @staticmethod
     def backward(ctx, dout):
-        x3, y2, hp, hr = ctx.saved_tensors
-        lead, y_dtype, hp_dtype, hr_dtype = ctx.meta
-        t, n, c = x3.shape
-        d = _contig(dout.reshape(t, n, c))
-        dx = torch.empty_like(x3)
-        dy = torch.empty(t, c, device=x3.device, dtype=y_dtype)
-        bt, bc = 2, 512
-        cb = _cdiv(c, bc)
-        dhp_part = torch.empty(t, cb, n, device=x3.device, dtype=torch.float32)
-        dhr_part = torch.empty(t, cb, n, n, device=x3.device, dtype=torch.float32)
-        K.post_res_bwd_kernel[(_cdiv(t, bt), cb)](
-            x3, y2, hp, hr, d, dx, dy, dhp_part, dhr_part, t, c, cb, N=n, NP=_pow2(n), BT=bt,
-            BC=bc, num_warps=4)
-        dhp = dhp_part.sum(1)
-        dhr = dhr_part.sum(1)
-        return (dx.view(*lead, n, c), dy.view(*lead, c), dhp.view(*lead, n).to(hp_dtype),
-                dhr.view(*lead, n, n).to(hr_dtype))
+        lead, _, hp_dtype, hr_dtype = ctx.meta
+        dx, dy, dhp_part, dhr_part = _post_res_backward(ctx, dout)
+        n, c = dx.shape[-2], dx.shape[-1]
+        return (dx.view(*lead, n, c), dy.view(*lead, c),
+                dhp_part.sum(1).view(*lead, n).to(hp_dtype),
+                dhr_part.sum(1).view(*lead, n, n).to(hr_dtype))
+
+
+class _LinkedPostResFunction(torch.autograd.Function):
+    """The merge of a linked pair: its dx and dH partials go to the entry's backward (dx as the
+    gradient of ``x_link``, the partials through the ``SublayerLink``); no reduction kernels."""
+
+    @staticmethod
+    def forward(ctx, x_link, y, h_post, h_res, link):
+        ctx.link = link
+        return _post_res_forward(ctx, x_link, y, h_post, h_res)
+
+    @staticmethod
+    def backward(ctx, dout):
+        lead = ctx.meta[0]
+        dx, dy, dhp_part, dhr_part = _post_res_backward(ctx, dout)
+        link = ctx.link
+        link.dx, link.dh_post_part, link.dh_res_part = dx, dhp_part, dhr_part
+        link.stream = torch.cuda.current_stream(dx.device) if dx.is_cuda else None
+        n, c = dx.shape[-2], dx.shape[-1]
+        return dx.view(*lead, n, c), dy.view(*lead, c), None, None, None
 
 
 def post_res_merge(x, y, h_post, h_res):
@@ -315,6 +458,15 @@ def post_res_merge(x, y, h_post, h_res):
     return _PostResFunction.apply(x, y, h_post, h_res)
 
 
+def merge_linked(x_link, y, h_post, h_res, link):
+    """``post_res_merge`` of the pair opened by ``enter_linked`` (``x_link``, ``h_post``, ``h_res``
+    and ``link`` are what it returned)."""
+    _check(x_link, "merge_linked")
+    if y.dtype != x_link.dtype:
+        y = y.to(x_link.dtype)
+    return _LinkedPostResFunction.apply(x_link, y, h_post, h_res, link)
+
+
 TRITON_OPS = MHCOps(
     name="triton",
     compute_mappings=compute_mappings,
@@ -323,4 +475,6 @@ TRITON_OPS = MHCOps(
     post_res_merge=post_res_merge,
     expand_streams=reference.expand_streams,
     merge_streams=reference.merge_streams,
+    enter_linked=enter_linked,
+    merge_linked=merge_linked,
 )

@@ -192,10 +192,10 @@ def test_non_finite_mapping_logits_match_the_reference():
     def ref(*a):
         return reference.compute_mappings(*a, "mhc", 20, 1e-6)
 
-    outs, grads = _grads(fast, inputs, [torch.ones(t, n), torch.ones(t, n), torch.randn(t, n, n)])
-    ref_outs, _ = _grads(ref, [i.double() for i in inputs],
-                         [torch.ones(t, n).double(), torch.ones(t, n).double(),
-                          torch.randn(t, n, n).double()])
+    upstream = [torch.ones(t, n, device=DEVICE), torch.ones(t, n, device=DEVICE),
+                torch.randn(t, n, n, device=DEVICE)]
+    outs, grads = _grads(fast, inputs, upstream)
+    ref_outs, _ = _grads(ref, [i.double() for i in inputs], [u.double() for u in upstream])
     h_res = outs[2]
     assert torch.isfinite(h_res).all()
     _assert_close(h_res, ref_outs[2], 1e-4, "H_res with ±inf logits")
@@ -204,3 +204,93 @@ def test_non_finite_mapping_logits_match_the_reference():
     bias_nan = bias.clone()
     bias_nan[2 * n] = float("nan")
     assert torch.isnan(ops.compute_mappings(x, phi, alpha, bias_nan, "mhc", 20, 1e-6)[2]).any()
+
+
+def _linked_sublayer(ops, extra_use: bool):
+    """One sublayer's mHC work through the linked pair, the sublayer a fixed nonlinear map of
+    the aggregate; with ``extra_use`` H_post and H_res also feed the loss directly."""
+
+    def fn(x, phi, alpha, bias, w):
+        if ops is None:  # the reference: plain composition, autograd adds the two dx
+            agg, h_post, h_res = reference.enter(x, phi, alpha, bias, "mhc", 20, 1e-6)
+            x_link, link = x, None
+        else:
+            agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias, "mhc", 20,
+                                                                1e-6)
+        y = torch.tanh(agg * w)
+        out = (reference.post_res_merge(x_link, y, h_post, h_res) if ops is None
+               else ops.merge_linked(x_link, y, h_post, h_res, link))
+        if extra_use:
+            return out, h_post * 3.0, h_res.sum(-1)
+        return (out,)
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("n, c, extra_use", [(4, 48, False), (3, 24, False), (2, 600, True),
+                                             (4, 256, True)])
+def test_linked_entry_and_merge(dtype, tol, n, c, extra_use):
+    """enter_linked + merge_linked == enter + post_res_merge (the float64 composition), outputs
+    and every gradient (dx written once, in place over the merge's dx; dH partials summed in the
+    mapping backward; H_post / H_res used elsewhere too)."""
+    t, m = 19, n * n + 2 * n
+    seed = 7 * n + c
+    x = _randn(t, n, c, seed=seed, dtype=dtype)
+    phi = _randn(n * c, m, seed=seed + 1, dtype=dtype, scale=0.2)
+    alpha = (torch.rand(3, generator=torch.Generator().manual_seed(seed)) + 0.5).to(DEVICE)
+    bias = _randn(m, seed=seed + 2)
+    w = _randn(c, seed=seed + 3, dtype=dtype)
+    shapes = [(t, n, c)] + ([(t, n), (t, n)] if extra_use else [])
+    _check_op(f"linked-{n}-{c}-{extra_use}", _linked_sublayer(_ops(), extra_use),
+              _linked_sublayer(None, extra_use), [x, phi, alpha, bias, w], shapes, tol)
+
+
+def test_linked_pair_backward_twice_and_without_merge():
+    """The link is cleared by each backward (a retained graph runs twice alike); an entry whose
+    merge is not in the loss gets no stale merge gradient."""
+    ops = _ops()
+    n, c, t = 4, 32, 9
+    x = _randn(t, n, c, seed=3).requires_grad_(True)
+    phi = _randn(n * c, n * n + 2 * n, seed=4, scale=0.2)
+    alpha, bias = torch.full((3,), 0.7, device=DEVICE), _randn(n * n + 2 * n, seed=5)
+    agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias)
+    out = ops.merge_linked(x_link, agg * 2, h_post, h_res, link)
+    g = _randn(t, n, c, seed=6)
+    first = torch.autograd.grad(out, x, g, retain_graph=True)[0]
+    second = torch.autograd.grad(out, x, g, retain_graph=True)[0]
+    torch.testing.assert_close(first, second)
+    assert link.dx is None and link.dh_post_part is None
+    only_entry = torch.autograd.grad(agg.sum(), x)[0]
+    ref = torch.autograd.grad(reference.enter(x.double(), phi.double(), alpha.double(),
+                                              bias.double())[0].sum(), x)[0]
+    _assert_close(only_entry, ref, 1e-4, "entry without its merge")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="16-bit tl.dot runs on a GPU only (the interpreter "
+                                             "computes the mapping backward's GEMMs in float32)")
+@pytest.mark.parametrize("operands", ["input", "tf32"])
+def test_mapping_backward_gemm_operands_on_gpu(operands, monkeypatch):
+    """The mapping backward's GEMMs on bf16 operands (dproj rounded to bf16) vs tf32 at a
+    realistic width: every gradient against the float64 reference; errors go to the report."""
+    from fixtures.gpu import report
+
+    from megatron_mhc.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "BACKWARD_DOT_OPERANDS", operands)
+    n, c, t = 4, 2048, 512
+    m = n * n + 2 * n
+    x = _randn(t, n, c, seed=11, dtype=torch.bfloat16)
+    phi = _randn(n * c, m, seed=12, dtype=torch.bfloat16, scale=0.02)
+    alpha = torch.tensor([0.3, 0.2, 0.4], device=DEVICE)
+    bias = _randn(m, seed=13)
+    w = _randn(c, seed=14, dtype=torch.bfloat16)
+    inputs = [x, phi, alpha, bias, w]
+    g = _randn(t, n, c, seed=15)
+    _, grads = _grads(_linked_sublayer(_ops(), False), inputs, [g])
+    _, ref = _grads(_linked_sublayer(None, False), [v.double() for v in inputs], [g.double()])
+    errors = {name: _rel_err(a, b) for name, a, b in zip(("x", "phi", "alpha", "bias", "w"),
+                                                          grads, ref)}
+    report(f"mapping backward GEMMs on {operands} operands (n=4, C=2048, T=512, bf16)", **errors)
+    for name, err in errors.items():
+        assert err < 3e-2, f"grad of {name}: relative error {err:.3g} vs the float64 reference"

@@ -10,7 +10,7 @@ Megatron's ``finalize_model_grads`` all-reduces their gradients over the TP grou
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -102,11 +102,28 @@ class HyperConnection(MegatronModule):
         agg, h_post, h_res = self.ops.enter(
             x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps
         )
+        self._record(h_res)
+        return agg, h_post, h_res
+
+    def enter_linked(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Any]:
+        """``enter`` for a sublayer whose merge is ``merge_linked``: also ``x_link`` (``x``, to be
+        passed to the merge instead of it) and ``link`` (``None`` where the ops have no linked
+        pair). Linked, the backward writes the stream's dx once (no autograd add of two dx)."""
+        if self.ops.enter_linked is None:
+            agg, h_post, h_res = self.enter(x)
+            return agg, h_post, h_res, x, None
+        cfg = self.mhc_config
+        agg, h_post, h_res, x_link, link = self.ops.enter_linked(
+            x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps
+        )
+        self._record(h_res)
+        return agg, h_post, h_res, x_link, link
+
+    def _record(self, h_res: Tensor) -> None:
         if self.snapshot_h_res:
             self._snapshot(h_res.detach())
         elif self.recorded_h_res is not None:
             self.recorded_h_res.append(h_res.detach())
-        return agg, h_post, h_res
 
     def _snapshot(self, h_res: Tensor) -> None:
         buffer = self.h_res_snapshot
@@ -120,3 +137,10 @@ class HyperConnection(MegatronModule):
     def merge(self, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         """The next residual state ``H_res x + H_post^T y`` (``[..., n, C]``)."""
         return self.ops.post_res_merge(x, y, h_post, h_res)
+
+    def merge_linked(self, x_link: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor,
+                     link: Any) -> Tensor:
+        """``merge`` of the pair opened by ``enter_linked`` (plain ``merge`` when ``link`` is None)."""
+        if link is None:
+            return self.merge(x_link, y, h_post, h_res)
+        return self.ops.merge_linked(x_link, y, h_post, h_res, link)

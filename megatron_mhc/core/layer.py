@@ -195,13 +195,17 @@ class MHCLayerMixin:
         ``high_priority`` the merge runs on the high-priority stream (``megatron_mhc.core.overlap``)."""
         mhc_ops_context = saved_stream_hooks if recompute else contextlib.nullcontext
         with mhc_ops_context():
-            aggregate, h_post, h_res = hc.enter(x)
+            aggregate, h_post, h_res, x_link, link = hc.enter_linked(x)
         y, context = run_sublayer(aggregate)
+
+        def merge(x_link, y, h_post, h_res):
+            return hc.merge_linked(x_link, y, h_post, h_res, link)
+
         with mhc_ops_context():
             if high_priority:
-                out = run_on_high_priority_stream(hc.merge, x, y, h_post, h_res)
+                out = run_on_high_priority_stream(merge, x_link, y, h_post, h_res)
             else:
-                out = hc.merge(x, y, h_post, h_res)
+                out = merge(x_link, y, h_post, h_res)
         if recompute:
             y_saved, hp_saved, hr_saved = y.detach(), h_post.detach(), h_res.detach()
             REGISTRY.add_merged(

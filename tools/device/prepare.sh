@@ -6,7 +6,8 @@
 #   bash tools/device/prepare.sh /path/to/Megatron-LM-checkout   # any clone with tag core_v0.19.0
 #
 # Writes
-#   .carry/base/    megatron-core wheel + the Megatron-LM files pretrain_gpt.py needs (mlm/)
+#   .carry/base/    megatron-core and liger-kernel wheels + the Megatron-LM files pretrain_gpt.py
+#                   needs (mlm/)
 #   .carry/te/p0..p3  the Transformer-Engine core wheel in 56 MiB parts
 #   .carry/te/p4    the last part, TE's meta wheel, the transformer-engine-torch sdist, pydantic
 #   .carry/tl/      (TILELANG=1) tilelang, apache-tvm-ffi, tile-kernels and deps as one xz archive
@@ -24,7 +25,7 @@ PLAT=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
 download() { $PY -m pip download -q --no-deps --only-binary=:all: "${PLAT[@]}" -d "$@"; }
 
 rm -rf "$CARRY/base" && mkdir -p "$CARRY/base"
-download "$CARRY/base" "megatron-core==$MEGATRON_CORE_VERSION"
+download "$CARRY/base" "megatron-core==$MEGATRON_CORE_VERSION" "liger-kernel==$LIGER_KERNEL_VERSION"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 git -C "$MLM" archive "$MEGATRON_LM_TAG" megatron pretrain_gpt.py pretrain_hybrid.py gpt_builders.py \
     hybrid_builders.py model_provider.py | tar -x -C "$tmp"

@@ -5,7 +5,7 @@ PyTorch reference set. Kernel packages build their own ``MHCOps``; choosing one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from megatron_mhc.core.ops import reference
 
@@ -21,6 +21,12 @@ class MHCOps:
     post_res_merge: Callable
     expand_streams: Callable
     merge_streams: Callable
+    #: Optional linked pair (``enter_linked(x, ...) -> (agg, h_post, h_res, x_link, link)``,
+    #: ``merge_linked(x_link, y, h_post, h_res, link)``): the same values as ``enter`` and
+    #: ``post_res_merge``, with one backward pass writing the stream's whole dx. Without it the
+    #: layer composes ``enter`` and ``post_res_merge`` (autograd adds their two dx).
+    enter_linked: Optional[Callable] = None
+    merge_linked: Optional[Callable] = None
 
 
 TORCH_OPS = MHCOps(

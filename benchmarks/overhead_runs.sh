@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The mHC-overhead benchmarks of benchmarks/RESULTS.md (issue 14), on one GPU after the staging in
+# benchmarks/device_setup.sh's header (TE built). One stage per device call; every table's
+# before/after pairs come from the same process (interleaved rounds):
+#
+#   bash benchmarks/overhead_runs.sh tests    the Triton kernel tests on the GPU (float64 reference, 16-bit
+#                                             tl.dot, autotuned tiles; errors to $OUT/gpu_report.jsonl)
+#   bash benchmarks/overhead_runs.sh kernels  bench_kernels.py: every op vs its floor and TileKernels,
+#                                             then one sublayer's whole mHC work vs TE (with and
+#                                             without its grad buffer) and Liger, C = 4096 and 7168
+#   bash benchmarks/overhead_runs.sh layer    bench_layer.py on TE and local: plain vs mHC with the
+#                                             linked pair (bf16 / tf32 backward GEMMs) and unlinked;
+#                                             C = 4096 (4 layers) and C = 7168 (2 layers)
+#   bash benchmarks/overhead_runs.sh host     bench_host_overhead.py: host time and kernels per call,
+#                                             linked vs unlinked sublayer ops
+#
+# Each stage's output goes to $OUT/<stage>.txt and is printed.
+set -uo pipefail
+STAGE=${1:?usage: overhead_runs.sh tests|kernels|layer|host}
+source benchmarks/device_setup.sh || exit 1
+mkdir -p "${OUT:=/tmp/out}"
+log=$OUT/$STAGE.txt
+case $STAGE in
+tests)
+    MHC_GPU_REPORT=$OUT/gpu_report.jsonl timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q \
+        -p no:cacheprovider tests/test_triton_kernels.py > "$log" 2>&1
+    rc=$?; tail -n 6 "$log"; cat "$OUT/gpu_report.jsonl" 2>/dev/null; exit $rc ;;
+kernels)
+    python3 benchmarks/bench_kernels.py --hidden 4096 7168 > "$log" 2>&1 ;;
+layer)
+    for shape in "--hidden 4096 --layers 4" "--hidden 7168 --heads 56 --layers 2"; do
+        # shellcheck disable=SC2086
+        python3 benchmarks/bench_layer.py --impl te,local $shape \
+            --backends triton,triton-unlinked,triton-tf32 >> "$log" 2>&1
+    done ;;
+host)
+    python3 benchmarks/bench_host_overhead.py >> "$log" 2>&1 ;;
+*) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
+rc=$?
+cat "$log"
+exit $rc
