@@ -69,13 +69,12 @@ def make_step(args, impl: str, variant: str, backend: str, recompute_block=None)
             if isinstance(module, HyperConnection):
                 module.ops = dataclasses.replace(module.ops, enter_linked=None, merge_linked=None)
     dot = "tf32" if backend == "triton-tf32" else "input"
+    from megatron_mhc.kernels import triton_ops
     x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",
                     dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
     def step():
-        from megatron_mhc.kernels import triton_ops
-
         triton_ops.BACKWARD_DOT_OPERANDS = dot
         out = block(hidden_states=x, attention_mask=None)
         out.backward(grad)

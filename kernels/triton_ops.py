@@ -101,12 +101,12 @@ BACKWARD_DOT_OPERANDS = os.environ.get("MHC_BACKWARD_DOT_OPERANDS", "input")
 
 
 def _backward_dot_mode(dtype: torch.dtype) -> int:
+    if BACKWARD_DOT_OPERANDS not in ("input", "tf32"):
+        raise ValueError(f"MHC_BACKWARD_DOT_OPERANDS={BACKWARD_DOT_OPERANDS!r}: allowed input, tf32")
     if dtype == torch.float32:
         return 1
     if _INTERPRET or BACKWARD_DOT_OPERANDS == "tf32":
         return 2
-    if BACKWARD_DOT_OPERANDS != "input":
-        raise ValueError(f"MHC_BACKWARD_DOT_OPERANDS={BACKWARD_DOT_OPERANDS!r}: allowed input, tf32")
     return 0
 
 
@@ -239,7 +239,8 @@ def _entry_backward(ctx, d_agg, dh_post, dh_res, link=None, d_stream=None):
     K.pre_apply_bwd_kernel[(_cdiv(t, bt),)](
         x2, h_pre, d_agg, x2, dh_pre, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
         WRITE_DX=False, num_warps=4)
-    cb, dx_add, dx_out = 1, None, None
+    cb, dx_out = 1, None
+    dx_add = None if d_stream is None else _contig(d_stream.reshape(t, n * c))
     if link is not None and link.dh_post_part is not None:
         if link.stream is not None and link.stream != torch.cuda.current_stream(dev):
             for buf in (link.dx, link.dh_post_part, link.dh_res_part):
@@ -250,18 +251,14 @@ def _entry_backward(ctx, d_agg, dh_post, dh_res, link=None, d_stream=None):
             hr_part = hr_part.sum(1, keepdim=True) + _grad_f32(dh_res, (t, 1, n, n), dev)
             cb = 1
         dh_post, dh_res = hp_part, hr_part
-        if d_stream is not None:
-            d_stream = d_stream.reshape(t, n * c)
-            dx_add = d_stream if d_stream.is_contiguous() else d_stream.contiguous()
-            # The merge's own fresh buffer comes back unchanged: dx is written over it in place.
-            if (dx_add.data_ptr() == link.dx.data_ptr() and dx_add.dtype == x2.dtype):
-                dx_out = dx_add
+        # The merge's own fresh buffer comes back unchanged: dx is written over it in place.
+        if (dx_add is not None and dx_add.data_ptr() == link.dx.data_ptr()
+                and dx_add.dtype == x2.dtype):
+            dx_out = dx_add
         link.clear()
     else:
         dh_post = _grad_f32(dh_post, (t, n), dev)
         dh_res = _grad_f32(dh_res, (t, n, n), dev)
-        if d_stream is not None:
-            dx_add = _contig(d_stream.reshape(t, n * c))
     dx, dphi, dalpha, dbias = _mappings_backward(
         saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res, cb=cb,
         d_agg=d_agg, h_pre=h_pre, dx_add=dx_add, dx_out=dx_out)

@@ -294,3 +294,18 @@ def test_mapping_backward_gemm_operands_on_gpu(operands, monkeypatch):
     report(f"mapping backward GEMMs on {operands} operands (n=4, C=2048, T=512, bf16)", **errors)
     for name, err in errors.items():
         assert err < 3e-2, f"grad of {name}: relative error {err:.3g} vs the float64 reference"
+
+
+def test_unknown_backward_gemm_operands_are_refused(monkeypatch):
+    """A bad MHC_BACKWARD_DOT_OPERANDS is an error naming it and the allowed values, also where
+    the interpreter or float32 inputs would not use the setting (never a silent fallback)."""
+    from megatron_mhc.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "BACKWARD_DOT_OPERANDS", "fp8")
+    n, c, t = 2, 16, 3
+    x = _randn(t, n, c, seed=21).requires_grad_(True)
+    phi = _randn(n * c, n * n + 2 * n, seed=22, scale=0.2)
+    agg, _, _ = triton_ops.enter(x, phi, torch.full((3,), 0.5, device=DEVICE),
+                                 _randn(n * n + 2 * n, seed=23))
+    with pytest.raises(ValueError, match="MHC_BACKWARD_DOT_OPERANDS='fp8': allowed input, tf32"):
+        agg.sum().backward()
