@@ -100,6 +100,15 @@ def op_cases(tokens: int, hidden: int, n: int):
         out = triton_ops.merge_linked(x_link, agg, hp, hr, link)
         out.backward(d_out)
 
+    projection = triton_ops.project_stream(x, phi)
+    phi_next = phi.detach().flip(0).requires_grad_()
+
+    def sublayer_fwd_bwd_fused():
+        agg, hp, hr, x_link, link = triton_ops.enter_linked(x, phi, alpha, bias,
+                                                            projection=projection)
+        out, _ = triton_ops.merge_linked_project(x_link, agg, hp, hr, link, phi_next)
+        out.backward(d_out)
+
     def residual_fwd_bwd():
         out = x + y.unsqueeze(1)
         out.sum().backward()
@@ -112,6 +121,8 @@ def op_cases(tokens: int, hidden: int, n: int):
         ("mHC sublayer ops unlinked (enter + merge), forward + backward", sublayer_fwd_bwd),
         ("mHC sublayer ops linked (enter_linked + merge_linked), forward + backward",
          sublayer_fwd_bwd_linked),
+        ("mHC sublayer ops linked + cross-sublayer fusion (steady state), forward + backward",
+         sublayer_fwd_bwd_fused),
         ("plain residual add, forward + backward (autograd)", residual_fwd_bwd),
     ]
 

@@ -9,8 +9,9 @@ measured device-to-device copy bandwidth) and the fraction of the floor reached 
 TileKernels (DeepSeek's ``tile-kernels``) is timed where it has the same op and is installed.
 
 A second table times one sublayer's whole mHC work (entry + merge around an identity sublayer,
-fwd + bwd) with its peak memory: this project's linked pair (bf16 and tf32 backward GEMMs), the
-unlinked composition, and the peers users could pick instead — Transformer-Engine's
+fwd + bwd) with its peak memory: this project's linked pair with cross-sublayer fusion (the entry
+takes the previous merge's projection, the merge makes the next one's), without it (bf16 and tf32
+backward GEMMs), the unlinked composition, and the peers users could pick instead — Transformer-Engine's
 ``transformer_engine.pytorch.triton.mhc`` (with and without its ``fused_grad_x_acc_buffer``,
 allocated once and not re-zeroed between steps: timing only, its values are not checked) and
 Liger-Kernel's ``liger_mhc_*`` — in interleaved rounds of one run.
@@ -63,6 +64,13 @@ def tile_kernels_ops():
     return tk, ""
 
 
+class _Ctx:
+    """A stand-in autograd context for timing an op's forward function alone."""
+
+    def save_for_backward(self, *tensors):
+        self.saved = tensors
+
+
 def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
     from megatron_mhc.core.ops import reference
     from megatron_mhc.kernels.triton_ops import TRITON_OPS
@@ -93,7 +101,33 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
         ("pre-apply", "bwd"): t * (2 * n * c * b + c * b + 8 * n),
         ("post/res merge", "fwd"): t * (2 * n * c * b + c * b + 4 * (n + n * n)),
         ("post/res merge", "bwd"): t * (3 * n * c * b + 2 * c * b + 8 * (n + n * n)),
+        # Cross-sublayer fusion: the entry given the previous merge's projection reads x once
+        # (the pre-apply), the merge that also projects its output writes the partials too.
+        ("entry given the merge's projection", "fwd"): t * (n * c * b + c * b + 4 * (m + 1)),
+        ("entry given the merge's projection", "bwd"): t * (2 * n * c * b + c * b + 4 * m),
+        ("post/res merge + next projection", "fwd"):
+            t * (2 * n * c * b + c * b + 4 * (n + n * n) + 4 * (m + 1)),
     }
+    from megatron_mhc.kernels import triton_ops as T
+
+    projection = T.project_stream(x, phi)
+    phi_next = (torch.randn(n * c, m, device="cuda", generator=gen) * 0.01).to(dt)
+
+    def entry_given(o):
+        if o is reference:
+            return lambda x, p, a, bb: o.enter(x, p, a, bb, "mhc", 20, 1e-6)
+        return lambda x, p, a, bb: T.enter_linked(
+            x, p, a, bb, projection=T.StreamProjection(projection.proj_part, projection.ss_part,
+                                                       p))[:3]
+
+    def merge_project(o):
+        if o is reference:
+            def eager(x, y, hp, hr):
+                out = o.post_res_merge(x, y, hp, hr)
+                flat = out.flatten(-2)
+                return out, flat @ phi_next, flat.float().square().sum(-1)
+            return eager
+        return lambda x, y, hp, hr: T._post_res_proj_forward(_Ctx(), x, y, hp, hr, phi_next)
     ops = {
         "mappings (norm+proj+Sinkhorn)": (
             lambda o: (lambda x, p, a, bb: o.compute_mappings(x, p, a, bb, "mhc", 20, 1e-6)),
@@ -103,6 +137,9 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
             [x, phi, alpha, bias], (d_c,) + d_maps[1:]),
         "pre-apply": (lambda o: o.pre_apply, [x, h_pre], (d_c,)),
         "post/res merge": (lambda o: o.post_res_merge, [x, y, h_post, h_res], (d_streams,)),
+        "entry given the merge's projection": (entry_given, [x, phi, alpha, bias],
+                                               (d_c,) + d_maps[1:]),
+        "post/res merge + next projection": (merge_project, [x, y, h_post, h_res], None),
     }
     tk, tk_reason = tile_kernels_ops()
     tk_timers = {}
@@ -123,8 +160,9 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
         for backend, o in (("eager", reference), ("triton", TRITON_OPS)):
             fn = make(o)
             timers[(backend, "fwd")] = lambda fn=fn, inputs=inputs: fn(*inputs)
-            timers[(backend, "bwd")] = backward_timer(fn, inputs, grads)
-        for direction in ("fwd", "bwd"):
+            if grads is not None:  # (the merge + projection's backward is the merge's)
+                timers[(backend, "bwd")] = backward_timer(fn, inputs, grads)
+        for direction in ("fwd", "bwd") if grads is not None else ("fwd",):
             floor_ms = floors[(name, direction)] / bandwidth * 1e3
             eager = bench(timers[("eager", direction)])
             ours = bench(timers[("triton", direction)])
@@ -179,7 +217,23 @@ def sublayer_steps(t: int, n: int, c: int) -> dict:
                 v.grad = None
         return step, ""
 
+    def ours_fused():
+        # The steady state of cross-sublayer fusion: this sublayer's entry takes the projection
+        # the previous merge made, and its merge makes the next sublayer's.
+        x, phi, alpha, bias, phi_next = leaves(x0, phi0.to(dt), alpha0.to(dt), bias0.to(dt),
+                                               phi0.flip(0).to(dt))
+        projection = T.project_stream(x, phi)
+
+        def step():
+            agg, hp, hr, x_link, link = T.enter_linked(x, phi, alpha, bias, projection=projection)
+            out, _ = T.merge_linked_project(x_link, agg, hp, hr, link, phi_next)
+            out.backward(grad)
+            for v in (x, phi, alpha, bias):
+                v.grad = None
+        return step, ""
+
     steps = {
+        "ours, linked + cross-sublayer fusion": ours_fused(),
         "ours, linked (bf16 bwd GEMMs)": ours(True, "input"),
         "ours, linked (tf32 bwd GEMMs)": ours(True, "tf32"),
         "ours, unlinked (enter + merge, autograd dx add)": ours(False, "input"),

@@ -51,8 +51,9 @@ def build_block(args, impl: str, variant: str, backend: str, recompute_block=Non
 
 #: Kernel-set variants of the triton backend (``--backends``), for before/after pairs in one run:
 #: ``triton-unlinked`` composes enter + merge (autograd adds the two dx), ``triton-tf32`` runs the
-#: mapping backward's GEMMs on tf32 instead of bf16 operands.
-TRITON_VARIANTS = ("triton-unlinked", "triton-tf32")
+#: mapping backward's GEMMs on tf32 instead of bf16 operands, ``triton-fused`` adds the
+#: cross-sublayer fusion (off by default: ``MHC_CROSS_SUBLAYER_FUSION``).
+TRITON_VARIANTS = ("triton-unlinked", "triton-tf32", "triton-fused")
 
 
 def make_step(args, impl: str, variant: str, backend: str, recompute_block=None):
@@ -62,12 +63,16 @@ def make_step(args, impl: str, variant: str, backend: str, recompute_block=None)
     torch.manual_seed(0)
     kernel_set = "triton" if backend in TRITON_VARIANTS else backend
     block = build_block(args, impl, variant, kernel_set, recompute_block)
-    if backend == "triton-unlinked":
+    if backend in ("triton-unlinked", "triton-fused"):
         from megatron_mhc.core.hyper_connection import HyperConnection
+        from megatron_mhc.kernels import triton_ops as ops
 
+        changed = dict(merge_linked_project=ops.merge_linked_project)
+        if backend == "triton-unlinked":
+            changed = dict(enter_linked=None, merge_linked=None, merge_linked_project=None)
         for module in block.modules():
             if isinstance(module, HyperConnection):
-                module.ops = dataclasses.replace(module.ops, enter_linked=None, merge_linked=None)
+                module.ops = dataclasses.replace(module.ops, **changed)
     dot = "tf32" if backend == "triton-tf32" else "input"
     from megatron_mhc.kernels import triton_ops
     x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",

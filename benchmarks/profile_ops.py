@@ -1,6 +1,7 @@
 """Per-kernel GPU time of one forward + backward of each Triton mHC op (torch.profiler).
 
-    python benchmarks/profile_ops.py [--tokens 8192] [--n 4] [--hidden 4096]
+    python benchmarks/profile_ops.py [--tokens 8192] [--n 4] [--hidden 4096 7168]
+                                     [--path fused|linked|unlinked]
 
 A diagnostic companion to bench_kernels.py: it shows which kernel of an op takes the time.
 """
@@ -17,13 +18,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[4096])
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--path", choices=["fused", "linked", "unlinked"], default="fused",
+                        help="fused: linked pair with cross-sublayer fusion (steady state); "
+                             "linked: enter_linked + merge_linked; unlinked: enter + merge")
     args = parser.parse_args(argv)
-    from megatron_mhc.core.ops import reference
-    from megatron_mhc.kernels.triton_ops import TRITON_OPS as ops
+    for hidden in args.hidden:
+        profile(args.tokens, args.n, hidden, args.repeat, args.path)
 
-    t, n, c, m = args.tokens, args.n, args.hidden, args.n * args.n + 2 * args.n
+
+def profile(tokens, n, hidden, repeat, path):
+    from megatron_mhc.core.ops import reference
+    from megatron_mhc.kernels import triton_ops as ops
+
+    t, c, m = tokens, hidden, n * n + 2 * n
     dt = torch.bfloat16
     x = torch.randn(t, n, c, device="cuda", dtype=dt, requires_grad=True)
     y = torch.randn(t, c, device="cuda", dtype=dt, requires_grad=True)
@@ -34,17 +43,30 @@ def main(argv=None):
     d_agg = torch.randn(t, c, device="cuda", dtype=dt)
     d_out = torch.randn(t, n, c, device="cuda", dtype=dt)
 
+    phi_next = phi.detach().flip(0).requires_grad_(True)
+    projection = ops.project_stream(x, phi)
+
     def step():
         # One sublayer's mHC work; y stands in for the sublayer output F(agg).
-        agg, h_post, h_res = ops.enter(x, phi, alpha, bias, "mhc", 20, 1e-6)
-        out = ops.post_res_merge(x, y, h_post, h_res)
+        if path == "unlinked":
+            agg, h_post, h_res = ops.enter(x, phi, alpha, bias, "mhc", 20, 1e-6)
+            out = ops.post_res_merge(x, y, h_post, h_res)
+        elif path == "linked":
+            agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias)
+            out = ops.merge_linked(x_link, y, h_post, h_res, link)
+        else:
+            agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias,
+                                                                projection=projection)
+            out, _ = ops.merge_linked_project(x_link, y, h_post, h_res, link, phi_next)
         torch.autograd.backward([agg, out], [d_agg, d_out])
+        for leaf in (x, y, phi, alpha, bias):  # no gradient-accumulation adds in the profile
+            leaf.grad = None
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             step()
         torch.cuda.synchronize()
     totals = defaultdict(float)
@@ -53,11 +75,11 @@ def main(argv=None):
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time
             counts[event.name] += 1
-    print(f"T={t} n={n} C={c} bf16: GPU time per step by kernel (microseconds)")
+    print(f"\nT={t} n={n} C={c} bf16, {path} path: GPU time per step by kernel (microseconds)")
     print("| kernel | us per step | calls per step |")
     print("|---|---|---|")
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"| {name[:90]} | {us / args.repeat:.1f} | {counts[name] / args.repeat:.0f} |")
+        print(f"| {name[:90]} | {us / repeat:.1f} | {counts[name] / repeat:.0f} |")
     del reference
 
 

@@ -70,12 +70,18 @@ def proj_partial_kernel(
 @triton.jit
 def mappings_fwd_kernel(
     proj_part_ptr, ss_part_ptr, alpha_ptr, bias_ptr,
-    proj_ptr, rinv_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
-    T, K, eps, SPLIT: tl.constexpr,
+    proj_ptr, rinv_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, x_ptr, agg_ptr,
+    T, K, C, eps, SPLIT: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
+    WITH_PRE: tl.constexpr, BC: tl.constexpr,
 ):
-    """Reduce the K-split partials, then gates, bias, sigmoid / Sinkhorn per token."""
+    """Reduce the K-split partials, then gates, bias, sigmoid / Sinkhorn per token.
+
+    WITH_PRE: also the pre-apply ``agg[t, c] = sum_i H_pre[t, i] x[t, i, c]`` of this program's
+    tokens (x ``[T, n, C]``, agg ``[T, C]``), from H_pre still in registers: the fused entry's
+    forward is this kernel after the projection's.
+    """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_ok = rows < T
     cols_m = tl.arange(0, BM)
@@ -91,8 +97,20 @@ def mappings_fwd_kernel(
     tl.store(proj_ptr + rows[:, None] * M + cols_m[None, :], proj, mask=mm)
     # Re-read this block's projection in the [token, i, j] shapes the mappings need.
     tl.debug_barrier()
-    _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
-                       rows, row_ok, N, NP, M, VARIANT_MHC, ITERS)
+    h_pre = _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr,
+                               h_res_ptr, rows, row_ok, N, NP, M, VARIANT_MHC, ITERS)
+    if WITH_PRE:
+        ii = tl.arange(0, NP)
+        m2 = row_ok[:, None] & (ii < N)[None, :]
+        for c0 in range(0, C, BC):
+            cs = c0 + tl.arange(0, BC)
+            c_ok = cs < C
+            x3 = tl.load(x_ptr + rows[:, None, None] * (N * C) + ii[None, :, None] * C
+                         + cs[None, None, :], mask=m2[:, :, None] & c_ok[None, None, :],
+                         other=0.0).to(tl.float32)
+            agg = tl.sum(h_pre[:, :, None] * x3, axis=1)
+            tl.store(agg_ptr + rows[:, None] * C + cs[None, :], agg.to(agg_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -170,6 +188,7 @@ def _mappings_epilogue(proj_ptr, rinv, alpha_ptr, bias_ptr, h_pre_ptr, h_post_pt
     tl.store(h_post_ptr + rows[:, None] * N + ii[None, :], h_post, mask=m2)
     tl.store(h_res_ptr + rows[:, None, None] * (N * N) + ii[None, :, None] * N + ii[None, None, :],
              h_res, mask=m3)
+    return tl.where(m2, h_pre, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,6 +469,70 @@ def post_res_fwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr, T, C,
     offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty),
              mask=m2[:, :, None] & c_ok[None, None, :])
+
+
+def _post_res_proj_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BT": 16, "BC": 64}, num_warps=4)]
+    # The two best of eleven shapes measured on an H100 (benchmarks/probe_merge_project.py,
+    # T=8192, n=4: 16x64 with 2 warps 623 us at C=4096, 32 % of the merge's floor; 64x64 with 8
+    # warps 786 us); wider channel blocks and more stages spill to shared memory (up to 70x slower).
+    return [triton.Config({"BT": bt, "BC": bc}, num_warps=w, num_stages=1)
+            for bt, bc, w in ((16, 64, 2), (64, 64, 8))]
+
+
+@triton.autotune(configs=_post_res_proj_configs(), key=["C", "N", "M", "DOT_MODE"])
+@triton.jit
+def post_res_proj_fwd_kernel(
+    x_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr, phi_ptr, proj_part_ptr, ss_part_ptr,
+    T, C, c_per_split,
+    N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, DOT_MODE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
+):
+    """The merge (as ``post_res_fwd_kernel``, same order of operations, so the same values) plus,
+    from each merged tile still in registers, the next sublayer's projection partials over this
+    program's C-split: ``proj_part[split, t] = sum_{i, c in split} out[t, i, c] phi[i*C + c]``
+    ([SPLIT, T, M]) and ``ss_part[split, t] = sum out^2`` ([SPLIT, T]), from the rounded stored
+    values (what a separate projection of ``out`` would read). ``phi`` is the next sublayer's
+    ``[n*C, M]``; DOT_MODE as in ``proj_partial_kernel``. Grid: (cdiv(T, BT), SPLIT), with
+    ``c_per_split`` a multiple of every BC.
+    """
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    split = tl.program_id(1)
+    row_ok = rows < T
+    cols_m = tl.arange(0, BM)
+    m_ok = cols_m < M
+    proj = tl.zeros([BT, BM], dtype=tl.float32)
+    ss = tl.zeros([BT], dtype=tl.float32)
+    c_begin = split * c_per_split
+    for c0 in range(c_begin, c_begin + c_per_split, BC):
+        cs = c0 + tl.arange(0, BC)
+        c_ok = cs < C
+        mask = row_ok[:, None] & c_ok[None, :]
+        y = tl.load(y_ptr + rows[:, None] * C + cs[None, :], mask=mask, other=0.0).to(tl.float32)
+        for i in tl.static_range(N):
+            hp = tl.load(h_post_ptr + rows * N + i, mask=row_ok, other=0.0)
+            acc = hp[:, None] * y
+            for j in tl.static_range(N):  # x_j is re-read per i from L1 (N^2 tile loads)
+                xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
+                             other=0.0).to(tl.float32)
+                hij = tl.load(h_res_ptr + rows * (N * N) + i * N + j, mask=row_ok, other=0.0)
+                acc += hij[:, None] * xj
+            out16 = acc.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows[:, None] * (N * C) + i * C + cs[None, :], out16, mask=mask)
+            outf = out16.to(tl.float32)
+            ss += tl.sum(outf * outf, axis=1)
+            phi_t = tl.load(phi_ptr + (i * C + cs)[:, None] * M + cols_m[None, :],
+                            mask=c_ok[:, None] & m_ok[None, :], other=0.0)  # [BC, BM]
+            if DOT_MODE == 0:
+                proj = tl.dot(out16, phi_t, proj)
+            elif DOT_MODE == 1:
+                proj = tl.dot(outf, phi_t.to(tl.float32), proj, input_precision="ieee")
+            else:
+                proj = tl.dot(outf, phi_t.to(tl.float32), proj, input_precision="tf32")
+    tl.store(ss_part_ptr + split * T + rows, ss, mask=row_ok)
+    tl.store(proj_part_ptr + split * T * M + rows[:, None] * M + cols_m[None, :], proj,
+             mask=row_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit

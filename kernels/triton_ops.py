@@ -51,8 +51,68 @@ def _check(x: torch.Tensor, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Mappings (norm + projection + gates + Sinkhorn)
 # ---------------------------------------------------------------------------------------------
-def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float):
-    """Launch the projection and mapping kernels; returns the tensors the backward needs too."""
+def _projection_dot(x_dtype: torch.dtype, phi: torch.Tensor):
+    """The forward projection's DOT_MODE and phi operand for inputs of ``x_dtype``."""
+    if x_dtype == torch.float32:
+        return 1, phi
+    if _INTERPRET:
+        return 2, phi
+    return 0, phi if phi.dtype == x_dtype else phi.to(x_dtype)
+
+
+def _projection_splits(extent: int, block: int, per_split: int):
+    """(splits, extent per split, a multiple of ``block``): about ``per_split`` per split, 1..16."""
+    split = max(1, min(16, _cdiv(extent, per_split)))
+    each = _cdiv(_cdiv(extent, split), block) * block
+    return _cdiv(extent, each), each
+
+
+class StreamProjection:
+    """A stream's projection partials, made by the merge that wrote the stream
+    (``merge_linked_project``) for the next sublayer's entry, so that the entry does not read the
+    stream for its norm and projection: ``proj_part [S, T, M]`` (``sum x phi`` over S splits of the
+    channels), ``ss_part [S, T]`` (``sum x^2``), and the ``phi`` they were made with."""
+
+    __slots__ = ("proj_part", "ss_part", "phi")
+
+    def __init__(self, proj_part, ss_part, phi):
+        self.proj_part, self.ss_part, self.phi = proj_part, ss_part, phi
+
+    def record_stream(self, stream) -> None:
+        """``Tensor.record_stream`` for both partials (made on a side stream, used on ``stream``)."""
+        self.proj_part.record_stream(stream)
+        self.ss_part.record_stream(stream)
+
+
+def _project(x2, phi_c, m):
+    """The projection pass over ``x2 [T, n*C]``: partials ``[S, T, M]`` and ``[S, T]``."""
+    t, kdim = x2.shape
+    dot_mode, phi_dot = _projection_dot(x2.dtype, phi_c)
+    bt, bk = 64, 128
+    split, k_per_split = _projection_splits(kdim, bk, 2048)
+    proj_part = torch.empty(split, t, m, device=x2.device, dtype=torch.float32)
+    ss_part = torch.empty(split, t, device=x2.device, dtype=torch.float32)
+    K.proj_partial_kernel[(_cdiv(t, bt), split)](
+        x2, phi_dot, proj_part, ss_part, t, kdim, k_per_split,
+        M=m, BM=_pow2(m, 16), BT=bt, BK=bk, DOT_MODE=dot_mode, num_warps=8, num_stages=3,
+    )
+    return proj_part, ss_part
+
+
+def project_stream(x, phi) -> StreamProjection:
+    """The ``StreamProjection`` of a stream ``x [..., n, C]`` with ``phi`` made by the separate
+    projection pass (what ``merge_linked_project`` makes inside the merge); no autograd."""
+    _check(x, "project_stream")
+    n = x.shape[-2]
+    with torch.no_grad():
+        part, ss = _project(_contig(x.reshape(-1, n * x.shape[-1])), _contig(phi), n * n + 2 * n)
+    return StreamProjection(part, ss, phi)
+
+
+def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float,
+                      with_pre: bool = False, projection: StreamProjection | None = None):
+    """Launch the projection (unless ``projection`` holds it) and the mapping kernel (with the
+    pre-apply when ``with_pre``); returns the tensors the backward needs, the mappings and agg."""
     n, c = x.shape[-2], x.shape[-1]
     kdim, m = n * c, n * n + 2 * n
     x2 = _contig(x.reshape(-1, kdim))
@@ -60,37 +120,29 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
     # Parameters go to the kernels in their own dtype (the kernels compute in float32), so no
     # cast kernels run per call; only a 16-bit projection with a different-dtype phi casts it.
     phi_c = _contig(phi)  # saved for the backward
-    if x2.dtype == torch.float32:
-        dot_mode, phi_dot = 1, phi_c
-    elif _INTERPRET:
-        dot_mode, phi_dot = 2, phi_c
-    else:
-        dot_mode, phi_dot = 0, phi_c if phi_c.dtype == x2.dtype else phi_c.to(x2.dtype)
     alpha_f = _contig(alpha)
     bias_f = _contig(bias)
     dev = x2.device
-    bt, bk = 64, 128
-    split = max(1, min(16, _cdiv(kdim, 2048)))
-    k_per_split = _cdiv(_cdiv(kdim, split), bk) * bk
-    split = _cdiv(kdim, k_per_split)
-    proj_part = torch.empty(split, t, m, device=dev, dtype=torch.float32)
-    ss_part = torch.empty(split, t, device=dev, dtype=torch.float32)
-    K.proj_partial_kernel[(_cdiv(t, bt), split)](
-        x2, phi_dot, proj_part, ss_part, t, kdim, k_per_split,
-        M=m, BM=_pow2(m, 16), BT=bt, BK=bk, DOT_MODE=dot_mode, num_warps=8, num_stages=3,
-    )
+    if projection is None:
+        proj_part, ss_part = _project(x2, phi_c, m)
+        split = proj_part.shape[0]
+    else:
+        proj_part, ss_part = projection.proj_part, projection.ss_part
+        split = proj_part.shape[0]
     proj = torch.empty(t, m, device=dev, dtype=torch.float32)
     rinv = torch.empty(t, device=dev, dtype=torch.float32)
     h_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
     h_post = torch.empty(t, n, device=dev, dtype=torch.float32)
     h_res = torch.empty(t, n, n, device=dev, dtype=torch.float32)
-    bt2 = 16
+    agg = torch.empty(t, c, device=dev, dtype=x.dtype) if with_pre else None
+    bt2 = 4 if with_pre else 16
     K.mappings_fwd_kernel[(_cdiv(t, bt2),)](
-        proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res, t, kdim, eps,
+        proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res,
+        x2, agg if with_pre else proj, t, kdim, c, eps,
         SPLIT=split, N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc,
-        ITERS=iters, BT=bt2, num_warps=4,
+        ITERS=iters, BT=bt2, WITH_PRE=with_pre, BC=512, num_warps=4,
     )
-    return x2, phi_c, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res
+    return (x2, phi_c, alpha_f, bias_f, proj, rinv), h_pre, h_post, h_res, agg
 
 
 #: Operands of the two GEMMs in the mapping backward (dx = dproj @ phi^T, dphi = x^T @ dproj) when x
@@ -112,7 +164,7 @@ def _backward_dot_mode(dtype: torch.dtype) -> int:
 
 def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res,
                        cb=1, d_agg=None, h_pre=None, dx_add=None, dx_out=None):
-    """dx and the parameter grads (in ``param_dtypes``) of the mappings, in four launches.
+    """dx and the parameter grads (in ``param_dtypes``) of the mappings, in three launches.
 
     ``dh_post`` / ``dh_res`` are ``[T, cb, n]`` / ``[T, cb, n, n]`` partial sums (cb = 1: the
     gradients themselves). With ``d_agg`` and ``h_pre`` the pre-apply's dx term is added in the
@@ -176,8 +228,8 @@ class _MappingsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float):
         lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-        *saved, h_pre, h_post, h_res = _mappings_forward(x, phi, alpha, bias, variant_mhc,
-                                                          iters, eps)
+        saved, h_pre, h_post, h_res, _ = _mappings_forward(x, phi, alpha, bias, variant_mhc,
+                                                           iters, eps)
         ctx.save_for_backward(*saved)
         ctx.meta = (lead, n, c, variant_mhc, iters, (phi.dtype, alpha.dtype, bias.dtype))
         return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
@@ -211,16 +263,10 @@ class SublayerLink:
         self.dx = self.dh_post_part = self.dh_res_part = self.stream = None
 
 
-def _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps):
+def _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps, projection=None):
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-    *saved, h_pre, h_post, h_res = _mappings_forward(x, phi, alpha, bias, variant_mhc,
-                                                      iters, eps)
-    x2 = saved[0]
-    t = x2.shape[0]
-    agg = torch.empty(t, c, device=x.device, dtype=x.dtype)
-    bt, bc = 4, 512
-    K.pre_apply_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
-        x2, h_pre, agg, t, c, N=n, BT=bt, BC=bc, num_warps=4)
+    saved, h_pre, h_post, h_res, agg = _mappings_forward(
+        x, phi, alpha, bias, variant_mhc, iters, eps, with_pre=True, projection=projection)
     ctx.save_for_backward(*saved, h_pre)
     ctx.meta = (lead, n, c, variant_mhc, iters, (phi.dtype, alpha.dtype, bias.dtype))
     return agg.view(*lead, c), h_post.view(*lead, n), h_res.view(*lead, n, n)
@@ -234,6 +280,8 @@ def _entry_backward(ctx, d_agg, dh_post, dh_res, link=None, d_stream=None):
     if d_agg is None:
         d_agg = torch.zeros(t, c, device=dev, dtype=x2.dtype)
     d_agg = _contig(d_agg.reshape(t, c))
+    # dH_pre in its own pass: folding it into the mapping backward (4 tokens per program) measured
+    # 7-10 % slower on an H100 (benchmarks/RESULTS.md, issue 14, third part).
     dh_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
     bt, bc = 2, 512
     K.pre_apply_bwd_kernel[(_cdiv(t, bt),)](
@@ -268,9 +316,10 @@ def _entry_backward(ctx, d_agg, dh_post, dh_res, link=None, d_stream=None):
 class _EntryFunction(torch.autograd.Function):
     """Mappings + pre-apply of one sublayer: (x, phi, alpha, bias) -> (agg, H_post, H_res).
 
-    Backward: one pass for dH_pre (reads x and d_agg), the per-token mapping backward, one pass
-    that writes the whole dx (projection, norm and pre-apply terms) and the dphi partials, and one
-    launch for the parameter grads.
+    Forward: the projection pass, then one kernel for the mappings and the pre-apply. Backward:
+    one pass for dH_pre (reads x and d_agg), the per-token mapping backward, one pass that writes
+    the whole dx (projection, norm and pre-apply terms) and the dphi partials, and one launch for
+    the parameter grads.
     """
 
     @staticmethod
@@ -288,16 +337,18 @@ class _LinkedEntryFunction(torch.autograd.Function):
     and is added in the dx pass, and the dH partials arrive through the ``SublayerLink``."""
 
     @staticmethod
-    def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float, link):
+    def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float, link,
+                projection):
         ctx.set_materialize_grads(False)
         ctx.link = link
-        agg, h_post, h_res = _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps)
+        agg, h_post, h_res = _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps,
+                                            projection)
         return agg, h_post, h_res, x
 
     @staticmethod
     def backward(ctx, d_agg, dh_post, dh_res, d_stream):
         grads = _entry_backward(ctx, d_agg, dh_post, dh_res, link=ctx.link, d_stream=d_stream)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _check_mapping_args(x, phi, variant: str, name: str) -> None:
@@ -326,15 +377,32 @@ def enter(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
                                 float(eps))
 
 
-def enter_linked(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
+def enter_linked(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6,
+                 projection=None):
     """``enter`` plus ``(x_link, link)`` for ``merge_linked``: the pair's backward writes the
     stream's whole dx once (entry + merge terms) with no autograd add and no dH reductions.
-    ``x_link`` is ``x`` (an alias); pass it, not ``x``, to ``merge_linked``."""
+    ``x_link`` is ``x`` (an alias); pass it, not ``x``, to ``merge_linked``. ``projection``: the
+    ``StreamProjection`` that ``merge_linked_project`` made of ``x`` with this ``phi`` (then x is
+    not read for the norm and projection)."""
     _check_mapping_args(x, phi, variant, "enter_linked")
+    if projection is not None:
+        _check_projection(projection, x, phi)
     link = SublayerLink()
     agg, h_post, h_res, x_link = _LinkedEntryFunction.apply(
-        x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters), float(eps), link)
+        x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters), float(eps), link, projection)
     return agg, h_post, h_res, x_link, link
+
+
+def _check_projection(projection, x, phi) -> None:
+    if not isinstance(projection, StreamProjection):
+        raise TypeError(f"projection must be a StreamProjection, got {type(projection).__name__}")
+    n = x.shape[-2]
+    t = x.numel() // (n * x.shape[-1])
+    part = projection.proj_part
+    if projection.phi is not phi or part.shape[1:] != (t, n * n + 2 * n):
+        raise ValueError(
+            f"projection was made for another phi or stream (partials {list(part.shape)}, "
+            f"expected [S, {t}, {n * n + 2 * n}] made with this phi)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +515,46 @@ class _LinkedPostResFunction(torch.autograd.Function):
         return dx.view(*lead, n, c), dy.view(*lead, c), None, None, None
 
 
+def _post_res_proj_forward(ctx, x, y, h_post, h_res, next_phi):
+    """The merge's forward plus the next sublayer's projection partials of its output."""
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    x3 = _contig(x.reshape(-1, n, c))
+    t = x3.shape[0]
+    y2 = _contig(y.reshape(t, c))
+    hp = _f32(h_post.reshape(t, n))
+    hr = _f32(h_res.reshape(t, n, n))
+    out = torch.empty_like(x3)
+    m = n * n + 2 * n
+    dot_mode, phi_dot = _projection_dot(x3.dtype, _contig(next_phi))
+    split, c_per_split = _projection_splits(c, 128, 512)  # 128: a multiple of every tuned BC
+    proj_part = torch.empty(split, t, m, device=x3.device, dtype=torch.float32)
+    ss_part = torch.empty(split, t, device=x3.device, dtype=torch.float32)
+    K.post_res_proj_fwd_kernel[lambda meta: (_cdiv(t, meta["BT"]), split)](
+        x3, y2, hp, hr, out, phi_dot, proj_part, ss_part, t, c, c_per_split,
+        N=n, M=m, BM=_pow2(m, 16), DOT_MODE=dot_mode)
+    ctx.save_for_backward(x3, y2, hp, hr)
+    ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
+    return out.view(*lead, n, c), proj_part, ss_part
+
+
+class _LinkedPostResProjFunction(torch.autograd.Function):
+    """``_LinkedPostResFunction`` whose forward also leaves the next sublayer's projection
+    partials of the merged stream (not differentiable: the next entry's backward differentiates
+    its norm and projection of the stream itself, as if it had made them)."""
+
+    @staticmethod
+    def forward(ctx, x_link, y, h_post, h_res, link, next_phi):
+        ctx.set_materialize_grads(False)
+        ctx.link = link
+        out, proj_part, ss_part = _post_res_proj_forward(ctx, x_link, y, h_post, h_res, next_phi)
+        ctx.mark_non_differentiable(proj_part, ss_part)
+        return out, proj_part, ss_part
+
+    @staticmethod
+    def backward(ctx, dout, _dproj_part, _dss_part):
+        return (*_LinkedPostResFunction.backward(ctx, dout), None)
+
+
 def post_res_merge(x, y, h_post, h_res):
     """Triton ``post_res_merge`` (see ``megatron_mhc.core.ops.reference.post_res_merge``)."""
     _check(x, "post_res_merge")
@@ -464,6 +572,30 @@ def merge_linked(x_link, y, h_post, h_res, link):
     return _LinkedPostResFunction.apply(x_link, y, h_post, h_res, link)
 
 
+def merge_linked_project(x_link, y, h_post, h_res, link, next_phi):
+    """``merge_linked`` that also returns the ``StreamProjection`` of its output for the next
+    sublayer's ``enter_linked(out, next_phi, ..., projection=...)``: the merge's pass over the
+    new stream gives the next norm and projection, so the next entry does not read it for them."""
+    _check(x_link, "merge_linked_project")
+    n = x_link.shape[-2]
+    if next_phi.shape != (n * x_link.shape[-1], n * n + 2 * n):
+        raise ValueError(f"next_phi must be [n*C, n*n+2n] = {[n * x_link.shape[-1], n * n + 2 * n]},"
+                         f" got {list(next_phi.shape)}")
+    if y.dtype != x_link.dtype:
+        y = y.to(x_link.dtype)
+    out, proj_part, ss_part = _LinkedPostResProjFunction.apply(x_link, y, h_post, h_res, link,
+                                                              next_phi)
+    return out, StreamProjection(proj_part, ss_part, next_phi)
+
+
+#: Cross-sublayer fusion in the layer (``MHC_CROSS_SUBLAYER_FUSION=1``): off by default, because
+#: its merge + projection kernel is slower than the merge and projection kernels it replaces
+#: (H100, C=4096: 623 us against 216 + 108 us; benchmarks/RESULTS.md). The ops themselves are
+#: always available here (``merge_linked_project``, ``enter_linked(..., projection=...)``).
+CROSS_SUBLAYER_FUSION = os.environ.get("MHC_CROSS_SUBLAYER_FUSION", "0")
+if CROSS_SUBLAYER_FUSION not in ("0", "1"):
+    raise ValueError(f"MHC_CROSS_SUBLAYER_FUSION={CROSS_SUBLAYER_FUSION!r}: allowed 0, 1")
+
 TRITON_OPS = MHCOps(
     name="triton",
     compute_mappings=compute_mappings,
@@ -474,4 +606,5 @@ TRITON_OPS = MHCOps(
     merge_streams=reference.merge_streams,
     enter_linked=enter_linked,
     merge_linked=merge_linked,
+    merge_linked_project=merge_linked_project if CROSS_SUBLAYER_FUSION == "1" else None,
 )

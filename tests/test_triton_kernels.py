@@ -23,6 +23,16 @@ def _ops():
     return TRITON_OPS
 
 
+def _fusing_ops():
+    """The Triton ops with the cross-sublayer fusion op (off by default in the set)."""
+    import dataclasses
+
+    from megatron_mhc.kernels import triton_ops
+
+    return dataclasses.replace(triton_ops.TRITON_OPS,
+                               merge_linked_project=triton_ops.merge_linked_project)
+
+
 def _rel_err(got, ref):
     got, ref = got.double(), ref.double()
     return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -136,23 +146,47 @@ def test_unsupported_dtype_is_refused():
 
 
 def test_mhc_gpt_with_triton_backend_matches_torch_backend(megatron_cpu):
+    """A 3-layer mHC GPT on the Triton ops == on the torch ops, loss and mapping gradients, in the
+    first step and in the second, where (cross-sublayer fusion switched on for the Triton model)
+    every merge but the model's last makes the next entry's projection (inside a layer from the
+    start, across layers once each layer has seen which layer takes its output)."""
+    import dataclasses
+
     from megatron_mhc import MHCConfig
+    from megatron_mhc.core.hyper_connection import HyperConnection
     from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
-    settings = TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=8)
-    results = {}
+    settings = TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=8)
+    results, fused_merges = {}, []
     for backend in ("torch", "triton"):
         torch.manual_seed(5)
         model = build_tiny_gpt(settings, MHCConfig(expansion_rate=4, kernel_backend=backend))
         model.to(DEVICE)
+        if backend == "triton":
+            from megatron_mhc.kernels.triton_ops import merge_linked_project as project
+
+            def counted(*args, project=project):
+                fused_merges[-1] += 1
+                return project(*args)
+
+            for module in model.modules():
+                if isinstance(module, HyperConnection):
+                    module.ops = dataclasses.replace(module.ops, merge_linked_project=counted)
         tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(9))
-        loss = lm_loss(model, tokens.to(DEVICE))
-        loss.backward()
-        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if "_hc." in k}
-        results[backend] = (loss.detach(), grads)
-    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
-    for name, grad in results["torch"][1].items():
-        _assert_close(results["triton"][1][name], grad, 1e-4, name)
+        for step in range(2):
+            fused_merges.append(0)
+            model.zero_grad(set_to_none=True)
+            loss = lm_loss(model, tokens.to(DEVICE))
+            loss.backward()
+            grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()
+                     if "_hc." in k}
+            results[backend, step] = (loss.detach(), grads)
+    assert fused_merges[-2:] == [3, 5], fused_merges  # 3 inside layers; then 2 across layers too
+    for step in range(2):
+        torch.testing.assert_close(results["triton", step][0], results["torch", step][0],
+                                   rtol=1e-5, atol=1e-6)
+        for name, grad in results["torch", step][1].items():
+            _assert_close(results["triton", step][1][name], grad, 1e-4, f"step {step} {name}")
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="TileKernels runs on a GPU only")
@@ -267,6 +301,81 @@ def test_linked_pair_backward_twice_and_without_merge():
     _assert_close(only_entry, ref, 1e-4, "entry without its merge")
 
 
+def _two_sublayers(ops, fused: bool):
+    """Two consecutive sublayers' mHC work (each sublayer a fixed nonlinear map of its aggregate).
+    ``ops`` None: the float64 reference composition; ``fused``: the first merge also makes the
+    second entry's projection (``merge_linked_project``), else each entry projects its stream."""
+
+    def fn(x, phi1, phi2, alpha, bias, w):
+        if ops is None:
+            agg, h_post, h_res = reference.enter(x, phi1, alpha, bias, "mhc", 20, 1e-6)
+            mid = reference.post_res_merge(x, torch.tanh(agg * w), h_post, h_res)
+            agg, h_post, h_res = reference.enter(mid, phi2, alpha, bias, "mhc", 20, 1e-6)
+            return reference.post_res_merge(mid, torch.sigmoid(agg * w), h_post, h_res), mid
+        agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi1, alpha, bias, "mhc", 20, 1e-6)
+        y = torch.tanh(agg * w)
+        if fused:
+            mid, projection = ops.merge_linked_project(x_link, y, h_post, h_res, link, phi2)
+        else:
+            mid, projection = ops.merge_linked(x_link, y, h_post, h_res, link), None
+        agg, h_post, h_res, x_link, link = ops.enter_linked(mid, phi2, alpha, bias, "mhc", 20,
+                                                            1e-6, projection=projection)
+        return ops.merge_linked(x_link, torch.sigmoid(agg * w), h_post, h_res, link), mid
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("n, c", [(4, 48), (3, 40), (2, 600)])
+def test_cross_sublayer_fusion(dtype, tol, n, c):
+    """merge_linked_project + enter_linked(projection=...) == the float64 composition of two
+    sublayers, outputs and every gradient (the middle stream is also an output, so the merge's
+    own output gradient is checked too); (2, 600) has two C-splits of the projection."""
+    t, m = 19, n * n + 2 * n
+    seed = 11 * n + c
+    x = _randn(t, n, c, seed=seed, dtype=dtype)
+    phi1 = _randn(n * c, m, seed=seed + 1, dtype=dtype, scale=0.2)
+    phi2 = _randn(n * c, m, seed=seed + 2, dtype=dtype, scale=0.2)
+    alpha = (torch.rand(3, generator=torch.Generator().manual_seed(seed)) + 0.5).to(DEVICE)
+    bias = _randn(m, seed=seed + 3)
+    w = _randn(c, seed=seed + 4, dtype=dtype)
+    _check_op(f"cross-{n}-{c}", _two_sublayers(_fusing_ops(), True), _two_sublayers(None, True),
+              [x, phi1, phi2, alpha, bias, w], [(t, n, c), (t, n, c)], tol)
+
+
+def test_cross_sublayer_fusion_equals_the_unfused_path():
+    """The fused path gives the unfused path's values: the merged stream bit for bit under the
+    interpreter (to float32 rounding on a GPU, where the compiler may contract the sums
+    differently), the rest to float32 rounding (the projection is summed in another order)."""
+    n, c, t, m = 4, 40, 13, 24
+    inputs = [_randn(t, n, c, seed=21), _randn(n * c, m, seed=22, scale=0.2),
+              _randn(n * c, m, seed=23, scale=0.2), torch.full((3,), 0.8, device=DEVICE),
+              _randn(m, seed=24), _randn(c, seed=25)]
+    g = [_randn(t, n, c, seed=26), _randn(t, n, c, seed=27)]
+    fused_out, fused_grads = _grads(_two_sublayers(_fusing_ops(), True), inputs, g)
+    plain_out, plain_grads = _grads(_two_sublayers(_ops(), False), inputs, g)
+    exact = DEVICE == "cpu"
+    torch.testing.assert_close(fused_out[1], plain_out[1], rtol=0 if exact else 2e-5,
+                               atol=0 if exact else 1e-6)
+    torch.testing.assert_close(fused_out[0], plain_out[0], rtol=1e-5, atol=1e-6)
+    for fused, plain in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_projection_for_another_phi_is_refused():
+    ops = _fusing_ops()
+    n, c, t, m = 4, 16, 5, 24
+    x = _randn(t, n, c, seed=31)
+    phi, other = _randn(n * c, m, seed=32, scale=0.2), _randn(n * c, m, seed=33, scale=0.2)
+    alpha, bias = torch.full((3,), 0.5, device=DEVICE), _randn(m, seed=34)
+    agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias)
+    out, projection = ops.merge_linked_project(x_link, agg, h_post, h_res, link, other)
+    with pytest.raises(ValueError, match="another phi"):
+        ops.enter_linked(out, phi, alpha, bias, projection=projection)
+    with pytest.raises(ValueError, match="next_phi must be"):
+        ops.merge_linked_project(x_link, agg, h_post, h_res, link, phi[:-1])
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="16-bit tl.dot runs on a GPU only (the interpreter "
                                              "computes the mapping backward's GEMMs in float32)")
 @pytest.mark.parametrize("operands", ["input", "tf32"])
@@ -309,3 +418,16 @@ def test_unknown_backward_gemm_operands_are_refused(monkeypatch):
                                  _randn(n * n + 2 * n, seed=23))
     with pytest.raises(ValueError, match="MHC_BACKWARD_DOT_OPERANDS='fp8': allowed input, tf32"):
         agg.sum().backward()
+
+
+def test_unknown_cross_sublayer_fusion_switch_is_refused():
+    """A bad MHC_CROSS_SUBLAYER_FUSION stops the import with an error naming it and 0, 1."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MHC_CROSS_SUBLAYER_FUSION="yes")
+    done = subprocess.run([sys.executable, "-c", "import megatron_mhc.kernels.triton_ops"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "MHC_CROSS_SUBLAYER_FUSION='yes': allowed 0, 1" in done.stderr

@@ -105,16 +105,21 @@ class HyperConnection(MegatronModule):
         self._record(h_res)
         return agg, h_post, h_res
 
-    def enter_linked(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Any]:
+    def enter_linked(self, x: Tensor, projection: Any = None
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Any]:
         """``enter`` for a sublayer whose merge is ``merge_linked``: also ``x_link`` (``x``, to be
         passed to the merge instead of it) and ``link`` (``None`` where the ops have no linked
-        pair). Linked, the backward writes the stream's dx once (no autograd add of two dx)."""
+        pair). Linked, the backward writes the stream's dx once (no autograd add of two dx).
+        ``projection``: what the previous merge's ``merge_linked_project`` made of ``x`` for this
+        sublayer (then x is not read again for the norm and projection)."""
         if self.ops.enter_linked is None:
             agg, h_post, h_res = self.enter(x)
             return agg, h_post, h_res, x, None
         cfg = self.mhc_config
+        extra = {} if projection is None else {"projection": projection}
         agg, h_post, h_res, x_link, link = self.ops.enter_linked(
-            x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps
+            x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps,
+            **extra
         )
         self._record(h_res)
         return agg, h_post, h_res, x_link, link
@@ -144,3 +149,15 @@ class HyperConnection(MegatronModule):
         if link is None:
             return self.merge(x_link, y, h_post, h_res)
         return self.ops.merge_linked(x_link, y, h_post, h_res, link)
+
+    def can_project_for(self, next_hc: Optional["HyperConnection"]) -> bool:
+        """Whether this sublayer's merge can make ``next_hc``'s projection (cross-sublayer fusion):
+        both use linked ops and this backend has ``merge_linked_project``."""
+        return (next_hc is not None and self.ops.merge_linked_project is not None
+                and next_hc.ops.enter_linked is not None)
+
+    def merge_linked_project(self, x_link: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor,
+                             link: Any, next_hc: "HyperConnection") -> Tuple[Tensor, Any]:
+        """``merge_linked`` plus ``next_hc``'s projection of the new stream (for its
+        ``enter_linked(out, projection=...)``); needs ``can_project_for(next_hc)`` and a link."""
+        return self.ops.merge_linked_project(x_link, y, h_post, h_res, link, next_hc.phi)

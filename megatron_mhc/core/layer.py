@@ -12,11 +12,22 @@ those methods return F(.) alone, and the mHC merge does the residual mixing.
 The stream expansion happens inside the model's first layer (global layer number 1) and the merge
 inside its last (``config.num_layers``), so an unmodified ``GPTModel`` / ``TransformerBlock`` works:
 between layers the hidden states are ``[s, b, n*C]``.
+
+Cross-sublayer fusion (ops with ``merge_linked_project``, the Triton set): a sublayer's merge also
+makes the next sublayer's norm/projection partials from the stream it writes, so the next entry
+does not read the stream for them. Inside a layer the next sublayer is known; across layers the
+layer hands its output's partials to the next layer through ``_HANDOFF``, keyed by the output
+tensor's identity. The producer learns which layer consumes its output from the first forward in
+which the consumer received that very tensor; a consumer that receives another tensor (pipeline
+stage boundary, a recompute chunk's saved input) projects its stream itself. Across layers it is
+off under Megatron's full recompute (a recomputed chunk's first layer would take the other path,
+summing in another order) and per-layer CUDA graphs (captured separately).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Optional, Tuple
 
 import torch
@@ -84,6 +95,38 @@ def _pipeline_shapes_hooked(config: TransformerConfig, mhc_config: MHCConfig) ->
     return getattr(config, PIPELINE_STREAMS_ATTR, None) == mhc_config.n and schedules_are_hooked()
 
 
+class _StreamHandoff:
+    """The projection partials a layer's last merge made of its output for the next layer's first
+    entry, keyed by the output tensor's identity (weakly held; taken once)."""
+
+    def __init__(self):
+        self.put(None, None, None)
+
+    def put(self, stream: Optional[Tensor], producer, projection) -> None:
+        self._stream = None if stream is None else weakref.ref(stream)
+        self._producer = None if producer is None else weakref.ref(producer)
+        self._projection = projection
+
+    def take(self, hidden_states: Tensor):
+        """``(producer layer, projection or None)`` if ``hidden_states`` is the tensor put last,
+        else ``(None, None)``; the handoff is empty afterwards either way."""
+        stream = None if self._stream is None else self._stream()
+        producer = None if self._producer is None else self._producer()
+        projection = self._projection
+        self.put(None, None, None)
+        if stream is None or stream is not hidden_states:
+            return None, None
+        return producer, projection
+
+
+_HANDOFF = _StreamHandoff()
+
+
+def _cross_layer_fusion_allowed(config: TransformerConfig) -> bool:
+    return (getattr(config, "recompute_granularity", None) != "full"
+            and getattr(config, "cuda_graph_impl", "none") in (None, "none", "full_iteration"))
+
+
 class MHCLayerMixin:
     """Turns a Megatron ``TransformerLayer`` (or subclass) into an mHC layer.
 
@@ -120,6 +163,28 @@ class MHCLayerMixin:
             if self.has_mlp:
                 self.mlp_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
                 self.mlp_hc.sublayer_index = 2 * (self.layer_number - 1) + 1
+        #: The next layer's first HyperConnection (a weak reference), learned in the first forward
+        #: in which it received this layer's output; its projection is then made by this layer's
+        #: last merge (see the module docstring).
+        self.mhc_next_entry = None
+        self.mhc_fuse_across_layers = _cross_layer_fusion_allowed(self.config)
+
+    def _first_hc(self) -> Optional[HyperConnection]:
+        return self.attn_hc if self.attn_hc is not None else self.mlp_hc
+
+    def _take_handoff(self, hidden_states: Tensor):
+        """The projection the previous layer made of ``hidden_states`` for this layer, if any;
+        teaches the previous layer that this layer consumes its output."""
+        producer, projection = _HANDOFF.take(hidden_states)
+        first = self._first_hc()
+        if producer is None or producer is self or first is None or not self.mhc_fuse_across_layers:
+            return None
+        current = producer.mhc_next_entry() if producer.mhc_next_entry is not None else None
+        if current is not first:
+            producer.mhc_next_entry = weakref.ref(first)
+        if projection is None or projection.phi is not first.phi:
+            return None
+        return projection
 
     def _split_hidden_states(self, args, kwargs) -> Tuple[Tensor, tuple, dict]:
         if "hidden_states" in kwargs:
@@ -158,6 +223,10 @@ class MHCLayerMixin:
                     f"got {tuple(hidden_states.shape)}"
                 )
             x = hidden_states.unflatten(-1, (n, hidden))
+        projection = None if self.is_first_mhc_layer else self._take_handoff(hidden_states)
+        next_layer_hc = None
+        if self.mhc_next_entry is not None and self.mhc_fuse_across_layers:
+            next_layer_hc = self.mhc_next_entry()
 
         recompute = (
             self.mhc_recompute_block is not None and self.training and torch.is_grad_enabled()
@@ -168,13 +237,18 @@ class MHCLayerMixin:
             if starts_block or not REGISTRY.is_live(x):
                 block_input = REGISTRY.add_block_input(x)
         context = None
+        if self.is_last_mhc_layer:
+            next_layer_hc = None
         if self.has_attention:
-            x, context = self._sublayer(self.attn_hc, x, recompute,
-                                        lambda a: self._forward_attention(a, *args, **kwargs))
+            x, context, projection = self._sublayer(
+                self.attn_hc, x, recompute, lambda a: self._forward_attention(a, *args, **kwargs),
+                projection=projection,
+                next_hc=self.mlp_hc if self.has_mlp else next_layer_hc)
         if self.has_mlp:
-            x, _ = self._sublayer(self.mlp_hc, x, recompute,
-                                  lambda a: (self._forward_mlp(a, **mlp_kwargs), None),
-                                  high_priority=self.mhc_config.overlap)
+            x, _, projection = self._sublayer(
+                self.mlp_hc, x, recompute, lambda a: (self._forward_mlp(a, **mlp_kwargs), None),
+                high_priority=self.mhc_config.overlap, projection=projection,
+                next_hc=next_layer_hc)
         if block_input is not None:
             REGISTRY.drop(block_input)
 
@@ -183,35 +257,43 @@ class MHCLayerMixin:
         else:
             out = x.flatten(-2)
         out = make_viewless_tensor(out, requires_grad=out.requires_grad, keep_graph=True)
+        if not self.is_last_mhc_layer:
+            _HANDOFF.put(out, self, projection)
         if recompute and not self.is_last_mhc_layer:
             REGISTRY.retarget(out)  # the next layer finds its input stream through this tensor
         return out, context
 
 
     def _sublayer(self, hc: HyperConnection, x: Tensor, recompute: bool, run_sublayer,
-                  high_priority: bool = False):
-        """``H_res x + H_post^T F(H_pre x)`` for one sublayer; with recompute, the stream x is
-        saved as a token and its successor registered to be rebuilt in the backward. With
-        ``high_priority`` the merge runs on the high-priority stream (``megatron_mhc.core.overlap``)."""
+                  high_priority: bool = False, projection: Any = None,
+                  next_hc: Optional[HyperConnection] = None):
+        """``H_res x + H_post^T F(H_pre x)`` for one sublayer -> ``(out, context, projection of
+        out for next_hc or None)``; ``projection``: the previous merge's projection of x for
+        ``hc``. With recompute, the stream x is saved as a token and its successor registered to
+        be rebuilt in the backward. With ``high_priority`` the merge runs on the high-priority
+        stream (``megatron_mhc.core.overlap``)."""
         mhc_ops_context = saved_stream_hooks if recompute else contextlib.nullcontext
         with mhc_ops_context():
-            aggregate, h_post, h_res, x_link, link = hc.enter_linked(x)
+            aggregate, h_post, h_res, x_link, link = hc.enter_linked(x, projection)
         y, context = run_sublayer(aggregate)
+        project = link is not None and hc.can_project_for(next_hc)
 
         def merge(x_link, y, h_post, h_res):
-            return hc.merge_linked(x_link, y, h_post, h_res, link)
+            if project:
+                return hc.merge_linked_project(x_link, y, h_post, h_res, link, next_hc)
+            return hc.merge_linked(x_link, y, h_post, h_res, link), None
 
         with mhc_ops_context():
             if high_priority:
-                out = run_on_high_priority_stream(merge, x_link, y, h_post, h_res)
+                out, next_projection = run_on_high_priority_stream(merge, x_link, y, h_post, h_res)
             else:
-                out = merge(x_link, y, h_post, h_res)
+                out, next_projection = merge(x_link, y, h_post, h_res)
         if recompute:
             y_saved, hp_saved, hr_saved = y.detach(), h_post.detach(), h_res.detach()
             REGISTRY.add_merged(
                 out, x, lambda parent: hc.merge(parent, y_saved, hp_saved, hr_saved)
             )
-        return out, context
+        return out, context, next_projection
 
 
 class MHCTransformerLayer(MHCLayerMixin, TransformerLayer):

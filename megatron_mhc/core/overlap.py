@@ -20,7 +20,7 @@ Off CUDA (CPU tests) the function simply runs ``fn``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 import torch
 
@@ -38,8 +38,9 @@ def high_priority_stream(device: torch.device) -> "torch.cuda.Stream":
     return stream
 
 
-def run_on_high_priority_stream(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor):
-    """``fn(*tensors)`` on the high-priority stream, ordered with the current stream both ways."""
+def run_on_high_priority_stream(fn: Callable[..., Any], *tensors: torch.Tensor):
+    """``fn(*tensors)`` on the high-priority stream, ordered with the current stream both ways.
+    ``fn`` returns a tensor or a tuple of results with ``record_stream`` (or ``None``)."""
     if not tensors[0].is_cuda:
         return fn(*tensors)
     current = torch.cuda.current_stream(tensors[0].device)
@@ -50,5 +51,7 @@ def run_on_high_priority_stream(fn: Callable[..., torch.Tensor], *tensors: torch
     current.wait_stream(side)
     for tensor in tensors:
         tensor.record_stream(side)
-    out.record_stream(current)
+    for result in out if isinstance(out, tuple) else (out,):
+        if result is not None:
+            result.record_stream(current)
     return out

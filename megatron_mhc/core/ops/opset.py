@@ -27,6 +27,12 @@ class MHCOps:
     #: layer composes ``enter`` and ``post_res_merge`` (autograd adds their two dx).
     enter_linked: Optional[Callable] = None
     merge_linked: Optional[Callable] = None
+    #: Optional cross-sublayer fusion (needs the linked pair): ``merge_linked_project(x_link, y,
+    #: h_post, h_res, link, next_phi) -> (out, projection)`` is ``merge_linked`` whose pass over
+    #: the new stream also makes the next sublayer's norm/projection partials; the next entry
+    #: takes them as ``enter_linked(out, next_phi, ..., projection=projection)`` and does not
+    #: read the stream for them. Without it each entry projects its own stream.
+    merge_linked_project: Optional[Callable] = None
 
 
 TORCH_OPS = MHCOps(
