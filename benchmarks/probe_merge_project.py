@@ -9,6 +9,7 @@ merge kernel and the floor (x, y read once, out written once), to choose the tun
 from __future__ import annotations
 
 import argparse
+import sys
 from functools import partial
 
 import torch
@@ -20,6 +21,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168])
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit(f"{__file__.rsplit('/', 1)[-1]} needs a CUDA GPU")
     from megatron_mhc.kernels import triton_kernels as K
 
     n, m, t = 4, 24, args.tokens

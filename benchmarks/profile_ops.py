@@ -9,6 +9,7 @@ A diagnostic companion to bench_kernels.py: it shows which kernel of an op takes
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 
 import torch
@@ -24,6 +25,8 @@ def main(argv=None):
                         help="fused: linked pair with cross-sublayer fusion (steady state); "
                              "linked: enter_linked + merge_linked; unlinked: enter + merge")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit(f"{__file__.rsplit('/', 1)[-1]} needs a CUDA GPU")
     for hidden in args.hidden:
         profile(args.tokens, args.n, hidden, args.repeat, args.path)
 

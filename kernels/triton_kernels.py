@@ -29,6 +29,18 @@ def _lse(v, axis: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, a_f32, b, acc, DOT_MODE: tl.constexpr):
+    """``acc + a @ b`` per DOT_MODE: 0 on ``a``'s 16-bit dtype (``b`` cast by the caller); 1
+    float32 ieee; 2 float32 via tf32 (``a_f32`` is ``a`` in float32)."""
+    if DOT_MODE == 0:
+        return tl.dot(a, b, acc)
+    elif DOT_MODE == 1:
+        return tl.dot(a_f32, b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a_f32, b.to(tl.float32), acc, input_precision="tf32")
+
+
+@triton.jit
 def proj_partial_kernel(
     x_ptr, phi_ptr, proj_part_ptr, ss_part_ptr, T, K, k_per_split,
     M: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -55,12 +67,7 @@ def proj_partial_kernel(
         pt = tl.load(phi_ptr + ks[:, None] * M + cols_m[None, :],
                      mask=k_ok[:, None] & (cols_m[None, :] < M), other=0.0)
         xf = xt.to(tl.float32)
-        if DOT_MODE == 0:
-            acc = tl.dot(xt, pt, acc)
-        elif DOT_MODE == 1:
-            acc = tl.dot(xf, pt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xf, pt.to(tl.float32), acc, input_precision="tf32")
+        acc = _dot_acc(xt, xf, pt, acc, DOT_MODE)
         sq += xf * xf
     tl.store(ss_part_ptr + split * T + rows, tl.sum(sq, axis=1), mask=row_ok)
     tl.store(proj_part_ptr + split * T * M + rows[:, None] * M + cols_m[None, :], acc,
@@ -524,12 +531,7 @@ def post_res_proj_fwd_kernel(
             ss += tl.sum(outf * outf, axis=1)
             phi_t = tl.load(phi_ptr + (i * C + cs)[:, None] * M + cols_m[None, :],
                             mask=c_ok[:, None] & m_ok[None, :], other=0.0)  # [BC, BM]
-            if DOT_MODE == 0:
-                proj = tl.dot(out16, phi_t, proj)
-            elif DOT_MODE == 1:
-                proj = tl.dot(outf, phi_t.to(tl.float32), proj, input_precision="ieee")
-            else:
-                proj = tl.dot(outf, phi_t.to(tl.float32), proj, input_precision="tf32")
+            proj = _dot_acc(out16, outf, phi_t, proj, DOT_MODE)
     tl.store(ss_part_ptr + split * T + rows, ss, mask=row_ok)
     tl.store(proj_part_ptr + split * T * M + rows[:, None] * M + cols_m[None, :], proj,
              mask=row_ok[:, None] & m_ok[None, :])

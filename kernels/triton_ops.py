@@ -446,20 +446,28 @@ def pre_apply(x, h_pre):
 # ---------------------------------------------------------------------------------------------
 # Post/residual merge
 # ---------------------------------------------------------------------------------------------
-def _post_res_forward(ctx, x, y, h_post, h_res):
+def _merge_inputs(ctx, x, y, h_post, h_res):
+    """The merge's kernel operands (``x3 [T, n, C]``, ``y2 [T, C]``, float32 ``hp``, ``hr``), saved
+    for its backward with the leading dims and dtypes in ``ctx.meta``."""
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     x3 = _contig(x.reshape(-1, n, c))
     t = x3.shape[0]
     y2 = _contig(y.reshape(t, c))
     hp = _f32(h_post.reshape(t, n))
     hr = _f32(h_res.reshape(t, n, n))
+    ctx.save_for_backward(x3, y2, hp, hr)
+    ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
+    return x3, y2, hp, hr
+
+
+def _post_res_forward(ctx, x, y, h_post, h_res):
+    x3, y2, hp, hr = _merge_inputs(ctx, x, y, h_post, h_res)
+    t, n, c = x3.shape
     out = torch.empty_like(x3)
     bt, bc = 2, 512
     K.post_res_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
         x3, y2, hp, hr, out, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
-    ctx.save_for_backward(x3, y2, hp, hr)
-    ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
-    return out.view(*lead, n, c)
+    return out.view_as(x)
 
 
 def _post_res_backward(ctx, dout):
@@ -517,12 +525,8 @@ class _LinkedPostResFunction(torch.autograd.Function):
 
 def _post_res_proj_forward(ctx, x, y, h_post, h_res, next_phi):
     """The merge's forward plus the next sublayer's projection partials of its output."""
-    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-    x3 = _contig(x.reshape(-1, n, c))
-    t = x3.shape[0]
-    y2 = _contig(y.reshape(t, c))
-    hp = _f32(h_post.reshape(t, n))
-    hr = _f32(h_res.reshape(t, n, n))
+    x3, y2, hp, hr = _merge_inputs(ctx, x, y, h_post, h_res)
+    t, n, c = x3.shape
     out = torch.empty_like(x3)
     m = n * n + 2 * n
     dot_mode, phi_dot = _projection_dot(x3.dtype, _contig(next_phi))
@@ -532,9 +536,7 @@ def _post_res_proj_forward(ctx, x, y, h_post, h_res, next_phi):
     K.post_res_proj_fwd_kernel[lambda meta: (_cdiv(t, meta["BT"]), split)](
         x3, y2, hp, hr, out, phi_dot, proj_part, ss_part, t, c, c_per_split,
         N=n, M=m, BM=_pow2(m, 16), DOT_MODE=dot_mode)
-    ctx.save_for_backward(x3, y2, hp, hr)
-    ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
-    return out.view(*lead, n, c), proj_part, ss_part
+    return out.view_as(x), proj_part, ss_part
 
 
 class _LinkedPostResProjFunction(torch.autograd.Function):
@@ -590,7 +592,7 @@ def merge_linked_project(x_link, y, h_post, h_res, link, next_phi):
 
 #: Cross-sublayer fusion in the layer (``MHC_CROSS_SUBLAYER_FUSION=1``): off by default, because
 #: its merge + projection kernel is slower than the merge and projection kernels it replaces
-#: (H100, C=4096: 623 us against 216 + 108 us; benchmarks/RESULTS.md). The ops themselves are
+#: (H100, C=4096: 623 us against 216 + 106 us; benchmarks/RESULTS.md). The ops themselves are
 #: always available here (``merge_linked_project``, ``enter_linked(..., projection=...)``).
 CROSS_SUBLAYER_FUSION = os.environ.get("MHC_CROSS_SUBLAYER_FUSION", "0")
 if CROSS_SUBLAYER_FUSION not in ("0", "1"):

@@ -224,8 +224,9 @@ class MHCLayerMixin:
                 )
             x = hidden_states.unflatten(-1, (n, hidden))
         projection = None if self.is_first_mhc_layer else self._take_handoff(hidden_states)
-        next_layer_hc = None
-        if self.mhc_next_entry is not None and self.mhc_fuse_across_layers:
+        next_layer_hc = None  # the next layer's entry, if this layer's last merge projects for it
+        if (self.mhc_next_entry is not None and self.mhc_fuse_across_layers
+                and not self.is_last_mhc_layer):
             next_layer_hc = self.mhc_next_entry()
 
         recompute = (
@@ -237,8 +238,6 @@ class MHCLayerMixin:
             if starts_block or not REGISTRY.is_live(x):
                 block_input = REGISTRY.add_block_input(x)
         context = None
-        if self.is_last_mhc_layer:
-            next_layer_hc = None
         if self.has_attention:
             x, context, projection = self._sublayer(
                 self.attn_hc, x, recompute, lambda a: self._forward_attention(a, *args, **kwargs),
