@@ -592,7 +592,8 @@ def merge_linked_project(x_link, y, h_post, h_res, link, next_phi):
 
 #: Cross-sublayer fusion in the layer (``MHC_CROSS_SUBLAYER_FUSION=1``): off by default, because
 #: its merge + projection kernel is slower than the merge and projection kernels it replaces
-#: (H100, C=4096: 623 us against 216 + 106 us; benchmarks/RESULTS.md). The ops themselves are
+#: (H100, C=4096: 623 us against the merge's 216 us in the same run, plus 106 us for the
+#: projection pass in another; benchmarks/RESULTS.md). The ops themselves are
 #: always available here (``merge_linked_project``, ``enter_linked(..., projection=...)``).
 CROSS_SUBLAYER_FUSION = os.environ.get("MHC_CROSS_SUBLAYER_FUSION", "0")
 if CROSS_SUBLAYER_FUSION not in ("0", "1"):
