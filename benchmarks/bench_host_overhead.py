@@ -174,6 +174,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--profile", action="store_true",
                         help="also print the CPU-side torch.profiler table of the mHC block step")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="also print cProfile's top Python functions (own time) of the linked "
+                             "sublayer ops and of the mHC block step")
     args = parser.parse_args(argv)
     init_single_gpu()
     print(f"device: {torch.cuda.get_device_name()} | C={args.hidden}, n={args.n}, bf16 | host time "
@@ -197,6 +200,30 @@ def main(argv=None):
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
                                         max_name_column_width=60))
+    if args.cprofile:
+        for name in ("mHC sublayer ops linked (enter_linked + merge_linked), forward + backward",
+                     f"{args.layers} GPT layers mHC n={args.n} triton, forward + backward"):
+            print_cprofile(name, host[name])
+
+
+def print_cprofile(name: str, fn, calls: int = 20) -> None:
+    """cProfile of ``calls`` calls of ``fn``: the 25 functions with the most own time."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    print(f"\ncProfile, {name}, {calls} calls (own time first):")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
 
 
 if __name__ == "__main__":

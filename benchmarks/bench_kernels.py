@@ -64,13 +64,6 @@ def tile_kernels_ops():
     return tk, ""
 
 
-class _Ctx:
-    """A stand-in autograd context for timing an op's forward function alone."""
-
-    def save_for_backward(self, *tensors):
-        self.saved = tensors
-
-
 def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
     from megatron_mhc.core.ops import reference
     from megatron_mhc.kernels.triton_ops import TRITON_OPS
@@ -127,7 +120,8 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
                 flat = out.flatten(-2)
                 return out, flat @ phi_next, flat.float().square().sum(-1)
             return eager
-        return lambda x, y, hp, hr: T._post_res_proj_forward(_Ctx(), x, y, hp, hr, phi_next)
+        return lambda x, y, hp, hr: T.merge_linked_project(x, y, hp, hr, T.SublayerLink(),
+                                                           phi_next)
     ops = {
         "mappings (norm+proj+Sinkhorn)": (
             lambda o: (lambda x, p, a, bb: o.compute_mappings(x, p, a, bb, "mhc", 20, 1e-6)),

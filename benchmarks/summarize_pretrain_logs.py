@@ -1,12 +1,14 @@
 """One table row per ``pretrain_gpt.py`` log: losses, step time and memory read off Megatron's log.
 
-    python benchmarks/summarize_pretrain_logs.py NAME=LOG [NAME=LOG ...]
+    python benchmarks/summarize_pretrain_logs.py NAME=LOG [NAME=LOG ...] [--reference NAME]
 
 Columns: the lm loss at every logged iteration (``--log-interval``), the elapsed time per
 iteration of the last logged window (Megatron averages over the window) and the mean over the
 windows after the first full one (iteration 1 and the first window hold warm-up, compilation and
 CUDA-graph capture, so they are left out), the max allocated
-memory Megatron reports after the first window, and the last mHC gain line.
+memory Megatron reports after the first window, and the last mHC gain line. With ``--reference
+NAME``, a second table compares every other run's loss curve with that run's, iteration by
+logged iteration (the loss-curve check of two kernel backends).
 """
 
 from __future__ import annotations
@@ -43,13 +45,55 @@ def summarize(name: str, path: str) -> str:
             f"{memory.group(1) if memory else '-'} | {gain} |")
 
 
+def losses(path: str) -> dict[int, float]:
+    """The lm loss at every logged iteration of one log ({} when it cannot be read)."""
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read()
+    except OSError:
+        return {}
+    return {int(i): float(loss) for i, _, _, loss in ITERATION.findall(text)}
+
+
+def compare(reference: str, runs: dict[str, str]) -> None:
+    """A markdown table: each run's loss curve against ``reference``'s over their common
+    logged iterations (max |difference|, max relative difference, the last iteration's pair)."""
+    ref = losses(runs[reference])
+    print(f"\nLoss curves against {reference}:")
+    print("| run | iterations compared | max abs diff | max rel diff | last iteration: run / reference |")
+    print("|---|---|---|---|---|")
+    for name, path in runs.items():
+        if name == reference:
+            continue
+        cur = losses(path)
+        common = sorted(set(cur) & set(ref))
+        if not common:
+            print(f"| {name} | none | | | |")
+            continue
+        diffs = [abs(cur[i] - ref[i]) for i in common]
+        rels = [abs(cur[i] - ref[i]) / max(abs(ref[i]), 1e-12) for i in common]
+        last = common[-1]
+        print(f"| {name} | {len(common)} ({common[0]}..{last}) | {max(diffs):.4g} | "
+              f"{max(rels):.3%} | {last}: {cur[last]:.4f} / {ref[last]:.4f} |")
+
+
 def main(argv):
+    reference = None
+    if "--reference" in argv:
+        at = argv.index("--reference")
+        if at + 1 >= len(argv):
+            sys.exit("--reference needs a run NAME")
+        reference = argv[at + 1]
+        argv = argv[:at] + argv[at + 2:]
+    runs = dict(item.partition("=")[::2] for item in argv)
+    if reference is not None and reference not in runs:
+        sys.exit(f"--reference {reference}: no such run (runs: {', '.join(runs)})")
     print("| run | lm loss by iteration | ms/it (last window) | ms/it (mean of later windows) "
           "| max allocated (MB) | mHC composite gain fwd / bwd |")
     print("|---|---|---|---|---|---|")
-    for item in argv:
-        name, _, path = item.partition("=")
+    for name, path in runs.items():
         print(summarize(name, path))
+    if reference is not None:
+        compare(reference, runs)
 
 
 if __name__ == "__main__":

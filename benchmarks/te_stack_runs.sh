@@ -9,6 +9,17 @@
 #                                              plain on GPU 1): FP8 hybrid, then bf16, 100 its
 #   bash benchmarks/te_stack_runs.sh graphs    the same pairs with --cuda-graph-impl local, then
 #                                              full_iteration
+#   bash benchmarks/te_stack_runs.sh overhead  1 GPU: plain, mHC (linked kernels) and mHC with
+#                                              MHC_CROSS_SUBLAYER_FUSION=1, one after the other,
+#                                              in ROUNDS (default 2) interleaved rounds of ITERS
+#                                              (default 50) iterations: the step-time overhead
+#                                              (FIRST_ROUND=2: add a round to the same table)
+#   bash benchmarks/te_stack_runs.sh losscurve 1 GPU: 200 iterations at global batch 8 with the
+#                                              triton kernels (twice: the run-to-run noise), the
+#                                              torch backend and cross-sublayer fusion; every
+#                                              loss curve compared with the first triton run's
+#                                              (RUNS="torch_b ...": other runs; torch* names run
+#                                              the torch backend, *fused* names turn fusion on)
 #   bash benchmarks/te_stack_runs.sh resume    2 GPUs, DP=2 + --use-distributed-optimizer: an
 #                                              uninterrupted run vs one stopped by --exit-interval
 #                                              and resumed; checkpoints compared bit for bit
@@ -18,7 +29,7 @@
 # `precision` and `graphs` (graphs cannot replay the host-side recompute), so those four pairs
 # compare like with like. Logs go to $OUT/<stage>.tar.xz; the table is printed last.
 set -uo pipefail
-STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|resume}
+STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|overhead|losscurve|resume}
 source benchmarks/device_setup.sh || exit 1
 export MEGATRON_LM=/tmp/mlm PYTHON=python3 IMPL=te
 LOGS=/tmp/logs/$STAGE && mkdir -p "$LOGS" "${OUT:=/tmp/out}"
@@ -39,7 +50,7 @@ pair() {  # pair NAME VAR=VALUE... : mHC on GPU 0 and plain on GPU 1 at the same
 table() {
     local args=()
     for log in "$LOGS"/*.log; do args+=("$(basename "$log" .log)=$log"); done
-    python3 benchmarks/summarize_pretrain_logs.py "${args[@]}"
+    python3 benchmarks/summarize_pretrain_logs.py "${args[@]}" "$@"
 }
 
 case $STAGE in
@@ -69,6 +80,23 @@ graphs)
     pair graphs_local GRAPHS=local
     [[ "${FULL_ITERATION:-1}" == 1 ]] && pair graphs_full GRAPHS=full_iteration
     table ;;
+overhead)
+    export ITERS=${ITERS:-50} GPUS=1
+    for round in $(seq "${FIRST_ROUND:-1}" "${ROUNDS:-2}"); do
+        run "plain_r$round" MHC_ARGS=
+        run "mhc_r$round" "MHC_ARGS=$NO_RECOMPUTE"
+        run "mhc_fused_r$round" "MHC_ARGS=$NO_RECOMPUTE" MHC_CROSS_SUBLAYER_FUSION=1
+    done
+    table ;;
+losscurve)
+    export ITERS=200 GPUS=1 EXTRA_ARGS="--global-batch-size 8"
+    for name in ${RUNS:-triton_a torch triton_b triton_fused}; do  # the name picks the backend
+        backend=triton; [[ $name == torch* ]] && backend=torch
+        fusion=0; [[ $name == *fused* ]] && fusion=1
+        run "$name" "MHC_ARGS=$NO_RECOMPUTE --mhc-kernel-backend $backend" \
+            MHC_CROSS_SUBLAYER_FUSION=$fusion
+    done
+    if [[ -f $LOGS/triton_a.log ]]; then table --reference triton_a; else table; fi ;;
 resume)
     export ITERS=20 GPUS=2 DISTOPT=1 SAVE_INTERVAL=10 NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
     export CUBLAS_WORKSPACE_CONFIG=:4096:8

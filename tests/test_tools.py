@@ -236,3 +236,27 @@ def test_after_train_step_logs_every_mhc_log_interval(megatron_cpu, monkeypatch,
     args.mhc_log_interval = 0
     metrics.after_train_step([model], 3)
     assert not metrics._ARMED
+
+
+def _pretrain_log(path, losses):
+    """A minimal Megatron training log with the lm loss of each (iteration, loss) pair."""
+    lines = [f" [2026-11-24] iteration {i:>8}/     200 | consumed samples: {8 * i} | elapsed time per "
+             f"iteration (ms): 250.0 | lm loss: {loss:.6E} |" for i, loss in losses]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_loss_curves_are_compared_with_the_reference_run(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "summarize_pretrain_logs.py"
+    ref = _pretrain_log(tmp_path / "a.log", [(10, 9.5), (20, 7.0), (30, 5.0)])
+    other = _pretrain_log(tmp_path / "b.log", [(10, 9.5), (20, 7.5), (30, 5.0)])
+    done = subprocess.run([sys.executable, str(script), f"a={ref}", f"b={other}", "--reference", "a"],
+                          capture_output=True, text=True, check=True)
+    row = [line for line in done.stdout.splitlines() if line.startswith("| b | 3 ")]
+    assert row and "| 0.5 |" in row[0] and "7.143%" in row[0], done.stdout
+    bad = subprocess.run([sys.executable, str(script), f"a={ref}", "--reference", "c"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--reference c: no such run" in bad.stderr
