@@ -178,6 +178,8 @@ def main(argv=None):
                         help="also print cProfile's top Python functions (own time) of the linked "
                              "sublayer ops and of the mHC block step")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_host_overhead.py needs a CUDA GPU")
     init_single_gpu()
     print(f"device: {torch.cuda.get_device_name()} | C={args.hidden}, n={args.n}, bf16 | host time "
           f"at {args.tokens} tokens, GPU time at {args.gpu_tokens} tokens (microseconds per call)")

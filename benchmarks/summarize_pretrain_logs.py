@@ -22,13 +22,19 @@ MEMORY = re.compile(r"max allocated: ([\d.]+)")
 GAIN = re.compile(r"\[mhc\] iteration\s+(\d+) \| H_res gain fwd/bwd: .*composite ([\d.]+) / ([\d.]+)")
 
 
+def _iterations(text: str) -> list[tuple[int, int, float, float]]:
+    """(iteration, total iterations, ms per iteration, lm loss) of every logged iteration."""
+    return [(int(i), int(total), float(ms), float(loss))
+            for i, total, ms, loss in ITERATION.findall(text)]
+
+
 def summarize(name: str, path: str) -> str:
     """A markdown row for one log (``failed`` with the last error line when it did not finish)."""
     try:
         text = open(path, encoding="utf-8", errors="replace").read()
     except OSError as exc:
         return f"| {name} | no log ({exc.strerror}) | | | | |"
-    rows = [(int(i), int(total), float(ms), float(loss)) for i, total, ms, loss in ITERATION.findall(text)]
+    rows = _iterations(text)
     if not rows:
         errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
         return f"| {name} | failed: {(errors or ['no iteration logged'])[-1][:160]} | | | | |"
@@ -51,7 +57,7 @@ def losses(path: str) -> dict[int, float]:
         text = open(path, encoding="utf-8", errors="replace").read()
     except OSError:
         return {}
-    return {int(i): float(loss) for i, _, _, loss in ITERATION.findall(text)}
+    return {i: loss for i, _, _, loss in _iterations(text)}
 
 
 def compare(reference: str, runs: dict[str, str]) -> None:

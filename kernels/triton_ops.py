@@ -125,10 +125,9 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
     dev = x2.device
     if projection is None:
         proj_part, ss_part = _project(x2, phi_c, m)
-        split = proj_part.shape[0]
     else:
         proj_part, ss_part = projection.proj_part, projection.ss_part
-        split = proj_part.shape[0]
+    split = proj_part.shape[0]
     proj = torch.empty(t, m, device=dev, dtype=torch.float32)
     rinv = torch.empty(t, device=dev, dtype=torch.float32)
     h_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
@@ -355,11 +354,7 @@ def _check_mapping_args(x, phi, variant: str, name: str) -> None:
     _check(x, name)
     if variant not in ("mhc", "hc"):
         raise ValueError(f"mappings are defined for variant 'mhc' or 'hc', got {variant!r}")
-    n = x.shape[-2]
-    if phi.shape != (n * x.shape[-1], n * n + 2 * n):
-        raise ValueError(
-            f"phi must be [n*C, n*n+2n] = {[n * x.shape[-1], n * n + 2 * n]}, got {list(phi.shape)}"
-        )
+    reference.check_phi_shape(x, phi)
 
 
 def compute_mappings(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
@@ -579,10 +574,7 @@ def merge_linked_project(x_link, y, h_post, h_res, link, next_phi):
     sublayer's ``enter_linked(out, next_phi, ..., projection=...)``: the merge's pass over the
     new stream gives the next norm and projection, so the next entry does not read it for them."""
     _check(x_link, "merge_linked_project")
-    n = x_link.shape[-2]
-    if next_phi.shape != (n * x_link.shape[-1], n * n + 2 * n):
-        raise ValueError(f"next_phi must be [n*C, n*n+2n] = {[n * x_link.shape[-1], n * n + 2 * n]},"
-                         f" got {list(next_phi.shape)}")
+    reference.check_phi_shape(x_link, next_phi, "next_phi")
     if y.dtype != x_link.dtype:
         y = y.to(x_link.dtype)
     out, proj_part, ss_part = _LinkedPostResProjFunction.apply(x_link, y, h_post, h_res, link,

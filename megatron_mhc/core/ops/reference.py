@@ -136,6 +136,15 @@ def mappings_from_projection(
     return h_pre, h_post, h_res
 
 
+def check_phi_shape(x: Tensor, phi: Tensor, name: str = "phi") -> None:
+    """Raise ``ValueError`` (naming ``name``) unless ``phi`` is ``[n*C, n*n+2n]`` for the streams
+    ``x [..., n, C]``."""
+    n = x.shape[-2]
+    if phi.shape != (n * x.shape[-1], n * n + 2 * n):
+        raise ValueError(f"{name} must be [n*C, n*n+2n] = {[n * x.shape[-1], n * n + 2 * n]}, "
+                         f"got {list(phi.shape)}")
+
+
 def compute_mappings(
     x: Tensor,
     phi: Tensor,
@@ -149,13 +158,9 @@ def compute_mappings(
 
     ``phi [n*C, n*n+2n]``, ``alpha [3]`` (pre, post, res gates), ``bias [n*n+2n]``.
     """
-    n = x.shape[-2]
-    if phi.shape != (n * x.shape[-1], n * n + 2 * n):
-        raise ValueError(
-            f"phi must be [n*C, n*n+2n] = {[n * x.shape[-1], n * n + 2 * n]}, got {list(phi.shape)}"
-        )
+    check_phi_shape(x, phi)
     proj, inv_rms = project_and_norm(x, phi, eps)
-    return mappings_from_projection(proj, inv_rms, alpha, bias, n, variant, sinkhorn_iters)
+    return mappings_from_projection(proj, inv_rms, alpha, bias, x.shape[-2], variant, sinkhorn_iters)
 
 
 def enter(
