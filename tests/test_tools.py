@@ -260,3 +260,24 @@ def test_loss_curves_are_compared_with_the_reference_run(tmp_path):
     bad = subprocess.run([sys.executable, str(script), f"a={ref}", "--reference", "c"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--reference c: no such run" in bad.stderr
+
+
+def test_training_numerics_check_runs_on_cpu():
+    """benchmarks/check_training_numerics.py (a GPU diagnostic) on its tiny CPU model: the gradient
+    table against float32 and a loss curve; an unknown variant is refused by name."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "check_training_numerics.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--grad-variants", "torch", "--variants", "torch",
+         "--trained-steps", "2", "--steps", "2", "--seeds", "1"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| torch |")]
+    assert len(rows) == 3, done.stdout  # two gradient tables and one curve row
+    relative_error = float(rows[0].split("|")[2].split()[0])
+    assert 0 < relative_error < 0.05, rows[0]  # bf16 against float32, not a broken comparison
+    bad = subprocess.run([sys.executable, str(script), "--tiny", "--variants", "cuda"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown variant 'cuda'" in bad.stderr
