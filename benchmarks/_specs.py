@@ -25,6 +25,31 @@ def sdpa_gpt_layer_spec(mhc_config=None):
     return with_mhc(spec, mhc_config) if mhc_config is not None else spec
 
 
+def gpt_layer_spec(impl: str, mhc_config=None):
+    """The GPT layer spec of ``impl`` (``te``: Transformer-Engine's; ``local``: Megatron's local
+    spec with SDPA attention), turned into the mHC spec when ``mhc_config`` is given."""
+    if impl == "local":
+        return sdpa_gpt_layer_spec(mhc_config)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    from megatron_mhc.core.specs import get_gpt_layer_with_mhc_spec
+
+    if mhc_config is None:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_mhc_spec(mhc_config, use_transformer_engine=True)
+
+
+def add_block_shape_arguments(parser) -> None:
+    """The block-shape options the layer benchmarks share: --hidden, --heads, --seq,
+    --micro-batch, --layers, --n (defaults: the 4-layer C = 4096 block of issue 14)."""
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4)
+
+
 def bf16_config(**kwargs):
     """A bf16 ``TransformerConfig`` without the CUDA-extension fusions (no TE / Apex needed)."""
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -23,7 +23,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _specs import bf16_config, init_single_gpu, sdpa_gpt_layer_spec  # noqa: E402
+from _specs import (  # noqa: E402
+    add_block_shape_arguments,
+    bf16_config,
+    gpt_layer_spec,
+    init_single_gpu,
+)
 
 
 def build_block(args, impl: str, variant: str, backend: str, recompute_block=None):
@@ -35,18 +40,7 @@ def build_block(args, impl: str, variant: str, backend: str, recompute_block=Non
                          num_attention_heads=args.heads, ffn_hidden_size=4 * args.hidden)
     mhc = None if variant == "plain" else MHCConfig(
         expansion_rate=args.n, kernel_backend=backend, recompute_block=recompute_block)
-    if impl == "te":
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        from megatron_mhc.core.specs import get_gpt_layer_with_mhc_spec
-
-        spec = (get_gpt_layer_with_transformer_engine_spec() if mhc is None
-                else get_gpt_layer_with_mhc_spec(mhc, use_transformer_engine=True))
-    else:
-        spec = sdpa_gpt_layer_spec(mhc)
-    return TransformerBlock(config, spec).cuda()
+    return TransformerBlock(config, gpt_layer_spec(impl, mhc)).cuda()
 
 
 #: Kernel-set variants of the triton backend (``--backends``), for before/after pairs in one run:
@@ -124,12 +118,7 @@ def main(argv=None):
     parser.add_argument("--impl", default="te,local",
                         help="comma-separated layer implementations: te (Transformer-Engine spec, "
                              "the baseline) and/or local (Megatron's local spec + SDPA)")
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--micro-batch", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--n", type=int, default=4)
+    add_block_shape_arguments(parser)
     parser.add_argument("--backends", default="triton",
                         help="comma-separated mHC kernel backends to time (torch, triton, tilelang, "
                              "and the before/after sets " + ", ".join(TRITON_VARIANTS) + ")")

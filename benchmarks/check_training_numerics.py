@@ -255,9 +255,9 @@ def main(argv=None):
         init_single_gpu()
         device_name = torch.cuda.get_device_name()
     elif args.tiny:
-        from megatron_mhc.training.cpu import init_cpu_distributed
+        from megatron_mhc.training.cpu import free_port, init_cpu_distributed
 
-        init_cpu_distributed()
+        init_cpu_distributed(port=free_port())  # not an inherited MASTER_PORT
         device_name = "CPU (Triton interpreter)"
     else:
         sys.exit("check_training_numerics.py needs a CUDA GPU (or --tiny on CPU)")

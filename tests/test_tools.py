@@ -281,3 +281,22 @@ def test_training_numerics_check_runs_on_cpu():
     bad = subprocess.run([sys.executable, str(script), "--tiny", "--variants", "cuda"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown variant 'cuda'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_saved_activation_report_counts_the_streams():
+    """benchmarks/saved_activations.py on CPU (tiny local block, Triton interpreted): mHC n=4 keeps
+    one bf16 n·C stream per sublayer, 2 * n * 2 = 16 bytes per token per layer per channel."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "saved_activations.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--hidden", "64", "--heads", "4", "--seq", "16",
+         "--micro-batch", "2", "--layers", "2", "--recompute-blocks"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
+            if line.startswith("| plain") or line.startswith("| mHC")}
+    assert "stream n·C" not in rows["plain"], rows
+    assert "stream n·C bfloat16 16.00" in rows["mHC n=4 triton"], rows
