@@ -51,18 +51,18 @@ VOCAB, MICRO, MICRO_BATCHES = 32000, 4, 2
 LR, MIN_LR, WARMUP, DECAY = 6e-4, 6e-5, 10, 200
 #: (layers, hidden, heads, ffn, seq): the example's model, and a tiny one for the CPU smoke test.
 SHAPES = {"example": (12, 768, 12, 2048, 1024), "tiny": (2, 64, 4, 128, 32)}
-SHAPE = SHAPES["example"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_model(dtype: torch.dtype):
-    """The mHC GPT of ``SHAPE`` (SDPA attention, SwiGLU, RoPE, n=4, automatic L_r recompute)."""
+def build_model(shape, dtype: torch.dtype):
+    """The mHC GPT of ``shape`` (one of ``SHAPES``; SDPA attention, SwiGLU, RoPE, n=4, automatic
+    L_r recompute)."""
     import torch.nn.functional as F
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from megatron_mhc import MHCConfig
 
-    layers, hidden, heads, ffn, seq = SHAPE
+    layers, hidden, heads, ffn, seq = shape
     config = bf16_config(
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=ffn,
         gated_linear_unit=True, activation_func=F.silu, init_method_std=0.02,
@@ -77,9 +77,9 @@ def build_model(dtype: torch.dtype):
 
 def op_set(variant: str):
     """The ``MHCOps`` of ``variant`` and the triton backward GEMM operands it runs with."""
-    from megatron_mhc.core.ops.opset import TORCH_OPS
-    from megatron_mhc.kernels.triton_ops import TRITON_OPS
+    from megatron_mhc.core.backends import get_backend_ops
 
+    TORCH_OPS, TRITON_OPS = get_backend_ops("torch"), get_backend_ops("triton")
     unlinked = dict(enter_linked=None, merge_linked=None, merge_linked_project=None)
     sets = {
         "torch": TORCH_OPS,
@@ -124,19 +124,11 @@ def mock_token_stream(seed: int, tokens: int) -> np.ndarray:
     return np.concatenate(parts)[:tokens].astype(np.int64)
 
 
-def batches(seed: int, steps: int):
+def batches(seq: int, seed: int, steps: int):
     """``steps`` global batches of ``MICRO_BATCHES`` micro-batches ``[MICRO, seq + 1]``."""
-    seq = SHAPE[-1]
     per_step = MICRO_BATCHES * MICRO * (seq + 1)
     stream = torch.from_numpy(mock_token_stream(seed, steps * per_step)).to(DEVICE)
     return stream.view(steps, MICRO_BATCHES, MICRO, seq + 1)
-
-
-def lm_loss(model, tokens):
-    from megatron_mhc.training.small_gpt import causal_lm_inputs
-
-    input_ids, position_ids, labels, _ = causal_lm_inputs(tokens)
-    return model(input_ids, position_ids, None, labels=labels).float().mean()
 
 
 def lr_at(step: int) -> float:
@@ -153,8 +145,11 @@ def load(model, state) -> None:
             param.copy_(state[name])
 
 
-def train(model, variant: str, init_state, data, steps: int, keep_state_at: int = 0):
-    """``steps`` optimizer steps from ``init_state``; returns (losses, grad norms, state or None)."""
+def train(model, variant: str, init_state, data, steps: int):
+    """``steps`` optimizer steps from ``init_state``; returns (losses, the float32 weights after
+    them, by parameter name)."""
+    from megatron_mhc.training.small_gpt import lm_loss
+
     use_variant(model, variant)
     load(model, init_state)
     params = [p for p in model.parameters()]
@@ -162,7 +157,7 @@ def train(model, variant: str, init_state, data, steps: int, keep_state_at: int 
     groups = [dict(params=[m for m in masters if m.dim() >= 2], weight_decay=0.1),
               dict(params=[m for m in masters if m.dim() < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8)
-    losses, norms, kept = [], [], None
+    losses = []
     for step in range(1, steps + 1):
         for p in params:
             p.grad = None
@@ -173,7 +168,7 @@ def train(model, variant: str, init_state, data, steps: int, keep_state_at: int 
             total += loss.item()
         for master, p in zip(masters, params):
             master.grad = p.grad.float()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(masters, 1.0)))
+        torch.nn.utils.clip_grad_norm_(masters, 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         optimizer.step()
@@ -181,10 +176,7 @@ def train(model, variant: str, init_state, data, steps: int, keep_state_at: int 
             for master, p in zip(masters, params):
                 p.copy_(master)
         losses.append(total)
-        if step == keep_state_at:
-            kept = {name: m.detach().clone() for (name, _), m in
-                    zip(model.named_parameters(), masters)}
-    return losses, norms, kept
+    return losses, {name: m for (name, _), m in zip(model.named_parameters(), masters)}
 
 
 def group_of(name: str) -> str:
@@ -199,6 +191,8 @@ def group_of(name: str) -> str:
 
 
 def gradients(model, variant: str, state, tokens):
+    from megatron_mhc.training.small_gpt import lm_loss
+
     use_variant(model, variant)
     load(model, state)
     model.zero_grad(set_to_none=True)
@@ -209,7 +203,6 @@ def gradients(model, variant: str, state, tokens):
 def grad_table(model32, model16, variants, state, tokens, label: str) -> None:
     """Per-group relative error and norm ratio of each variant's gradients against float32."""
     state16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
-    torch.backends.cuda.matmul.allow_tf32 = False
     ref = gradients(model32, "torch", state16, tokens)
     names = list(ref)
     groups = sorted({group_of(n) for n in names})
@@ -249,8 +242,15 @@ def main(argv=None):
     for v in variants + grad_variants:
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}: allowed {', '.join(VARIANTS)}")
-    global SHAPE
-    SHAPE = SHAPES["tiny" if args.tiny else "example"]
+    if any(v != "torch" for v in variants + grad_variants):
+        from megatron_mhc.core.backends import resolve_backend
+
+        try:
+            resolve_backend("triton")
+        except RuntimeError as exc:  # no GPU and no interpreter: say so before any work
+            sys.exit(f"check_training_numerics.py: the triton variants cannot run here ({exc}); "
+                     "on CPU set TRITON_INTERPRET=1, or pass only the torch variant")
+    shape = SHAPES["tiny" if args.tiny else "example"]
     if DEVICE == "cuda":
         init_single_gpu()
         device_name = torch.cuda.get_device_name()
@@ -261,20 +261,20 @@ def main(argv=None):
         device_name = "CPU (Triton interpreter)"
     else:
         sys.exit("check_training_numerics.py needs a CUDA GPU (or --tiny on CPU)")
-    layers, hidden, _, _, seq = SHAPE
+    layers, hidden, _, _, seq = shape
     print(f"device: {device_name} | {layers} layers C={hidden} n=4 seq {seq}, "
           f"global batch {MICRO * MICRO_BATCHES}, mock tokens")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference is float32 throughout
     torch.manual_seed(0)
-    model32 = build_model(torch.float32)
+    model32 = build_model(shape, torch.float32)
     init_state = {n: p.detach().clone() for n, p in model32.named_parameters()}
-    model16 = build_model(torch.bfloat16)
-    data0 = batches(0, max(args.steps, args.trained_steps, 1))
+    model16 = build_model(shape, torch.bfloat16)
+    data0 = batches(seq, 0, max(args.steps, args.trained_steps, 1))
     if grad_variants:
         grad_table(model32, model16, grad_variants, init_state, data0[0, 0], "the initial weights")
     if args.trained_steps and grad_variants:
         start = time.time()
-        _, _, trained = train(model16, "torch", init_state, data0, args.trained_steps,
-                              keep_state_at=args.trained_steps)
+        _, trained = train(model16, "torch", init_state, data0, args.trained_steps)
         print(f"(trained {args.trained_steps} torch steps in {time.time() - start:.0f} s)")
         grad_table(model32, model16, grad_variants, trained, data0[args.trained_steps - 1, 0],
                    f"the weights after {args.trained_steps} torch-backend steps")
@@ -286,10 +286,10 @@ def main(argv=None):
     print("|---" * (len(marks) + 4) + "|")
     means = {}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        data = data0 if seed == 0 else batches(seed, args.steps)
+        data = data0 if seed == 0 else batches(seq, seed, args.steps)
         for variant in variants:
             start = time.time()
-            losses, norms, _ = train(model16, variant, init_state, data, args.steps)
+            losses, _ = train(model16, variant, init_state, data, args.steps)
             tail = losses[19:] or losses  # fewer than 20 steps: all of them
             means.setdefault(variant, []).append(sum(tail) / len(tail))
             print(f"| {variant} | {seed} | " + " | ".join(f"{losses[m - 1]:.3f}" for m in marks)

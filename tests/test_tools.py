@@ -4,6 +4,7 @@ and the H_res gain report (against a hand-built example)."""
 import argparse
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,14 @@ def test_training_numerics_check_runs_on_cpu():
     bad = subprocess.run([sys.executable, str(script), "--tiny", "--variants", "cuda"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown variant 'cuda'" in bad.stderr
+    if not torch.cuda.is_available():  # triton variants without a GPU or the interpreter
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        no_triton = subprocess.run(
+            [sys.executable, str(script), "--tiny", "--grad-variants", "triton", "--skip-curves",
+             "--trained-steps", "0"], capture_output=True, text=True, env=env, timeout=600)
+        assert no_triton.returncode == 1, no_triton.stderr[-2000:]
+        assert "triton variants cannot run here" in no_triton.stderr
+        assert "TRITON_INTERPRET=1" in no_triton.stderr
 
 
 @pytest.mark.slow
