@@ -31,15 +31,17 @@ from _specs import (  # noqa: E402
 )
 
 
-def build_block(args, impl: str, variant: str, backend: str, recompute_block=None):
+def build_block(args, impl: str, variant: str, backend: str, recompute=None):
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_mhc import MHCConfig
 
     config = bf16_config(num_layers=args.layers, hidden_size=args.hidden,
                          num_attention_heads=args.heads, ffn_hidden_size=4 * args.hidden)
+    block, rebuild = recompute or (None, "auto")
     mhc = None if variant == "plain" else MHCConfig(
-        expansion_rate=args.n, kernel_backend=backend, recompute_block=recompute_block)
+        expansion_rate=args.n, kernel_backend=backend, recompute_block=block,
+        recompute_rebuild=rebuild)
     return TransformerBlock(config, gpt_layer_spec(impl, mhc)).cuda()
 
 
@@ -50,13 +52,14 @@ def build_block(args, impl: str, variant: str, backend: str, recompute_block=Non
 TRITON_VARIANTS = ("triton-unlinked", "triton-tf32", "triton-fused")
 
 
-def make_step(args, impl: str, variant: str, backend: str, recompute_block=None):
-    """A block of the variant and a closure running one forward + backward on fixed inputs."""
+def make_step(args, impl: str, variant: str, backend: str, recompute=None):
+    """A block of the variant and a closure running one forward + backward on fixed inputs;
+    ``recompute``: None or ``(L_r, rebuild policy)``."""
     import dataclasses
 
     torch.manual_seed(0)
     kernel_set = "triton" if backend in TRITON_VARIANTS else backend
-    block = build_block(args, impl, variant, kernel_set, recompute_block)
+    block = build_block(args, impl, variant, kernel_set, recompute)
     if backend in ("triton-unlinked", "triton-fused"):
         from megatron_mhc.core.hyper_connection import HyperConnection
         from megatron_mhc.kernels import triton_ops as ops
@@ -99,8 +102,8 @@ def measure_all(args, variants):
     """Median step time over interleaved rounds (so clock drift hits every variant alike)."""
     import triton
 
-    steps = {name: make_step(args, impl, variant, backend, block)
-             for name, impl, variant, backend, block in variants}
+    steps = {name: make_step(args, impl, variant, backend, recompute)
+             for name, impl, variant, backend, recompute in variants}
     for step in steps.values():  # compile, autotune, warm up
         for _ in range(3):
             step()
@@ -125,6 +128,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--recompute-blocks", type=int, nargs="*", default=[],
                         help="also time mHC (triton) with these L_r (0: the paper's optimum)")
+    parser.add_argument("--recompute-rebuild", nargs="+", default=["auto"],
+                        choices=["auto", "block", "sublayer"],
+                        help="the rebuild policies to time each L_r with (MHCConfig.recompute_rebuild)")
     args = parser.parse_args(argv)
     impls = args.impl.split(",")
     if not set(impls) <= {"te", "local"} or not impls:
@@ -147,9 +153,10 @@ def main(argv=None):
             (f"{tag}: mHC n={args.n}, {backend} ops", impl, "mhc", backend, None)
             for backend in args.backends.split(",")
         ] + [
-            (f"{tag}: mHC n={args.n}, triton ops, recompute L_r={block or 'auto'}", impl, "mhc",
-             "triton", block)
-            for block in args.recompute_blocks
+            (f"{tag}: mHC n={args.n}, triton ops, recompute L_r={block or 'auto'}"
+             + f", {rebuild} rebuild", impl, "mhc", "triton",
+             (block, rebuild))
+            for block in args.recompute_blocks for rebuild in args.recompute_rebuild
         ]
     results = measure_all(args, variants)
     baselines = {impl: next(r for r, v in zip(results, variants) if v[1] == impl and v[2] == "plain")

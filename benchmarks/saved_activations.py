@@ -1,7 +1,7 @@
 """Where a block's activation memory goes: plain vs mHC, by what the backward keeps (GPU or CPU).
 
     python3 benchmarks/saved_activations.py [--impl te] [--hidden 4096] [--layers 4]
-        [--recompute-blocks 2 4]
+        [--recompute-blocks 2 4] [--recompute-rebuild auto block sublayer]
 
 For each variant (plain residual, mHC, mHC with L_r recompute) one forward of a block of GPT
 layers, then its backward:
@@ -118,6 +118,9 @@ def main(argv=None):
     add_block_shape_arguments(parser)
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--recompute-blocks", type=int, nargs="*", default=[2])
+    parser.add_argument("--recompute-rebuild", nargs="+", default=["auto"],
+                        choices=["auto", "block", "sublayer"],
+                        help="the rebuild policies to measure each L_r with")
     args = parser.parse_args(argv)
     if args.impl == "te" and not CUDA:
         sys.exit("saved_activations.py --impl te needs a CUDA GPU (use --impl local on CPU)")
@@ -131,10 +134,14 @@ def main(argv=None):
         device = "CPU"
     from megatron_mhc import MHCConfig
 
+    recomputes = [(None, "auto")] + [(rb, policy) for rb in args.recompute_blocks
+                                      for policy in args.recompute_rebuild]
     variants = [("plain", None)] + [
-        (f"mHC n={args.n} {args.backend}" + ("" if rb is None else f", L_r={rb or 'auto'}"),
-         MHCConfig(expansion_rate=args.n, kernel_backend=args.backend, recompute_block=rb))
-        for rb in [None] + list(args.recompute_blocks)
+        (f"mHC n={args.n} {args.backend}" + ("" if rb is None else f", L_r={rb or 'auto'}")
+         + ("" if rb is None else f", {policy} rebuild"),
+         MHCConfig(expansion_rate=args.n, kernel_backend=args.backend, recompute_block=rb,
+                   recompute_rebuild=policy))
+        for rb, policy in recomputes
     ]
     unit = args.seq * args.micro_batch * args.layers * args.hidden
     print(f"device: {device} | {args.impl} block, {args.layers} layers, C={args.hidden}, seq "

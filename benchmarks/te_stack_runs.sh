@@ -20,6 +20,11 @@
 #                                              loss curve compared with the first triton run's
 #                                              (RUNS="torch_b ...": other runs; torch* names run
 #                                              the torch backend, *fused* names turn fusion on)
+#   bash benchmarks/te_stack_runs.sh profile   1 GPU: plain then mHC, ITERS (default 30) iterations
+#                                              each, PyTorch profiler over iterations 20-22
+#                                              (GRAPHS=local: with per-layer CUDA graphs); GPU
+#                                              time per step by kind of kernel for both
+#                                              (benchmarks/summarize_profile.py)
 #   bash benchmarks/te_stack_runs.sh resume    2 GPUs, DP=2 + --use-distributed-optimizer: an
 #                                              uninterrupted run vs one stopped by --exit-interval
 #                                              and resumed; checkpoints compared bit for bit
@@ -29,7 +34,7 @@
 # `precision` and `graphs` (graphs cannot replay the host-side recompute), so those four pairs
 # compare like with like. Logs go to $OUT/<stage>.tar.xz; the table is printed last.
 set -uo pipefail
-STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|overhead|losscurve|resume}
+STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|overhead|losscurve|profile|resume}
 source benchmarks/device_setup.sh || exit 1
 export MEGATRON_LM=/tmp/mlm PYTHON=python3 IMPL=te
 LOGS=/tmp/logs/$STAGE && mkdir -p "$LOGS" "${OUT:=/tmp/out}"
@@ -97,6 +102,18 @@ losscurve)
             MHC_CROSS_SUBLAYER_FUSION=$fusion
     done
     if [[ -f $LOGS/triton_a.log ]]; then table --reference triton_a; else table; fi ;;
+profile)
+    export ITERS=${ITERS:-30} GPUS=1
+    traces=()
+    for name in plain mhc; do
+        mhc_args=$NO_RECOMPUTE; [[ $name == plain ]] && mhc_args=
+        rm -rf "/tmp/prof_$name"
+        EXTRA_ARGS="--profile --use-pytorch-profiler --profile-step-start 20 --profile-step-end 22 --tensorboard-dir /tmp/prof_$name/tb" \
+            run "profile_$name" "MHC_ARGS=$mhc_args"
+        traces+=("$name=/tmp/prof_$name/torch_profile/rank-0.json.gz")
+    done
+    table
+    python3 benchmarks/summarize_profile.py --steps 2 --top 20 "${traces[@]}" | tee "$LOGS/profile_summary.txt" ;;
 resume)
     export ITERS=20 GPUS=2 DISTOPT=1 SAVE_INTERVAL=10 NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
     export CUBLAS_WORKSPACE_CONFIG=:4096:8

@@ -455,14 +455,19 @@ def _merge_inputs(ctx, x, y, h_post, h_res):
     return x3, y2, hp, hr
 
 
-def _post_res_forward(ctx, x, y, h_post, h_res):
-    x3, y2, hp, hr = _merge_inputs(ctx, x, y, h_post, h_res)
+def _launch_post_res_fwd(x3, y2, hp, hr, out):
+    """The merge kernel over ``[T, n, C]`` operands. Each program loads its whole tile (every
+    stream of its tokens and channels) before storing it, so ``out`` may be ``x3`` itself."""
     t, n, c = x3.shape
-    out = torch.empty_like(x3)
     bt, bc = 2, 512
     K.post_res_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
         x3, y2, hp, hr, out, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
-    return out.view_as(x)
+    return out
+
+
+def _post_res_forward(ctx, x, y, h_post, h_res):
+    x3, y2, hp, hr = _merge_inputs(ctx, x, y, h_post, h_res)
+    return _launch_post_res_fwd(x3, y2, hp, hr, torch.empty_like(x3)).view_as(x)
 
 
 def _post_res_backward(ctx, dout):
@@ -560,6 +565,26 @@ def post_res_merge(x, y, h_post, h_res):
     return _PostResFunction.apply(x, y, h_post, h_res)
 
 
+def merge_into(x, y, h_post, h_res, out):
+    """``post_res_merge(x, y, h_post, h_res)`` written into ``out`` (``x``'s shape, dtype and
+    device, contiguous; may be ``x`` itself), without autograd: the recompute's rebuild of a
+    stream in place of its parent. Returns ``out``."""
+    _check(x, "merge_into")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"merge_into: out must match x {tuple(x.shape)} {x.dtype} {x.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("merge_into: out must be contiguous")
+    n, c = x.shape[-2], x.shape[-1]
+    x3 = _contig(x.reshape(-1, n, c))
+    t = x3.shape[0]
+    y2 = _contig(y.to(x.dtype).reshape(t, c))
+    with torch.no_grad():
+        _launch_post_res_fwd(x3, y2, _f32(h_post.reshape(t, n)), _f32(h_res.reshape(t, n, n)),
+                             out.view(t, n, c))
+    return out
+
+
 def merge_linked(x_link, y, h_post, h_res, link):
     """``post_res_merge`` of the pair opened by ``enter_linked`` (``x_link``, ``h_post``, ``h_res``
     and ``link`` are what it returned)."""
@@ -602,4 +627,5 @@ TRITON_OPS = MHCOps(
     enter_linked=enter_linked,
     merge_linked=merge_linked,
     merge_linked_project=merge_linked_project if CROSS_SUBLAYER_FUSION == "1" else None,
+    merge_into=merge_into,
 )

@@ -439,6 +439,10 @@ CASES = [
          ValueError, "argparse refused"),
     Case("flag: --mhc-recompute-block 0", flags("--enable-mhc", "--mhc-recompute-block", "0"),
          ValueError, "argparse refused"),
+    Case("flag: --mhc-recompute-rebuild sublayer without --mhc-recompute-block",
+         flags("--enable-mhc", "--mhc-recompute-rebuild", "sublayer"),
+         ValueError, r"--mhc-recompute-rebuild\) is invalid; allowed: 'auto' unless "
+                     r"--mhc-recompute-block is set"),
     Case("flag: --mhc-log-interval -1", flags("--enable-mhc", "--mhc-log-interval", "-1"),
          ValueError, "--mhc-log-interval -1: allowed 0"),
     Case("flag: hybrid pattern with Mamba", flags("--enable-mhc", "--hybrid-layer-pattern", "M*-"),

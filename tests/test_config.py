@@ -20,6 +20,10 @@ from megatron_mhc.core.config import FLAG_NAMES, MHCConfig
         (dict(norm_eps=0.0), "--mhc-norm-eps", "(0, 1)"),
         (dict(kernel_backend="cuda"), "--mhc-kernel-backend", "auto, torch, triton, tilelang"),
         (dict(recompute_block=-1), "--mhc-recompute-block", "positive integer"),
+        (dict(recompute_block=2, recompute_rebuild="layer"), "--mhc-recompute-rebuild",
+         "auto, block, sublayer"),
+        (dict(recompute_rebuild="sublayer"), "--mhc-recompute-rebuild",
+         "'auto' unless --mhc-recompute-block is set"),
         (dict(overlap="yes"), "--mhc-overlap", "True or False"),
     ],
 )

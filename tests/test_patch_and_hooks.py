@@ -233,6 +233,11 @@ def test_flags_build_the_config():
     hooks.validate_mhc_args(args)
     config = hooks.mhc_config_from_args(args)
     assert (config.n, config.recompute_block, config.variant, config.sinkhorn_iters) == (2, 0, "hc", 7)
+    assert config.recompute_rebuild == "auto"
+    args = _parse(["--enable-mhc", "--mhc-recompute-block", "2", "--mhc-recompute-rebuild",
+                   "sublayer"])
+    hooks.validate_mhc_args(args)
+    assert hooks.mhc_config_from_args(args).recompute_rebuild == "sublayer"
     assert hooks.mhc_config_from_args(_parse([])) is None
 
 

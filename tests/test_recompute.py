@@ -1,6 +1,7 @@
 """mHC recompute in blocks of L_r layers: same loss and gradients, fewer stored streams."""
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -16,11 +17,11 @@ def test_optimal_block_follows_the_paper_formula():
     assert optimal_recompute_block(8, 100) == 9
 
 
-def _run(block, backend, tokenised_bytes):
+def _run(block, backend, tokenised_bytes, rebuild="auto"):
     torch.manual_seed(3)
     settings = TinyGPTSettings(num_layers=4, hidden_size=32, seq_length=16)
     model = build_tiny_gpt(settings, MHCConfig(expansion_rate=4, kernel_backend=backend,
-                                               recompute_block=block))
+                                               recompute_block=block, recompute_rebuild=rebuild))
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(4))
     sizes = []
 
@@ -45,12 +46,13 @@ def _run(block, backend, tokenised_bytes):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("block", [1, 2, 0])
-def test_recompute_keeps_loss_and_gradients(megatron_cpu, backend, block):
+@pytest.mark.parametrize("backend, block, rebuild", [
+    (backend, block, "auto") for backend in ("torch", "triton") for block in (1, 2, 0)
+] + [("torch", 2, "block"), ("torch", 2, "sublayer")])  # triton: the test below
+def test_recompute_keeps_loss_and_gradients(megatron_cpu, backend, block, rebuild):
     base_bytes, rc_bytes = [], []
     loss0, grads0 = _run(None, backend, base_bytes)
-    loss1, grads1 = _run(block, backend, rc_bytes)
+    loss1, grads1 = _run(block, backend, rc_bytes, rebuild)
     assert base_bytes == [0]
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     assert grads1.keys() == grads0.keys()
@@ -61,3 +63,62 @@ def test_recompute_keeps_loss_and_gradients(megatron_cpu, backend, block):
     sublayers_per_block = 2 * (block or optimal_recompute_block(4, 4))
     if backend == "triton" and sublayers_per_block > 1:
         assert rc_bytes[0] > 0
+
+
+def test_rebuild_policies_bound_the_streams_alive(megatron_cpu, monkeypatch):
+    """4 layers, L_r = 2: two blocks of 4 sublayers, 3 rebuilt streams each. ``block`` rebuilds
+    each once and holds all 3 at the start of a block's backward; ``sublayer`` holds one and
+    rebuilds 3 + 2 + 1 times, in one buffer per chain; ``auto`` does the last block (whose
+    backward comes first, at the peak) as ``sublayer`` and the first as ``block``. All three
+    give the same loss and gradients bit for bit."""
+    streams, counts = [], {}
+    original_add, original_unpack = REGISTRY.add_merged, REGISTRY.unpack
+
+    def add_merged(out, parent, rebuild_fn):
+        def counted(value, buffer):
+            counts["merges"] += 1
+            counts["in_place"] += buffer is not None
+            return rebuild_fn(value, buffer)
+
+        added = original_add(out, parent, counted)
+        if added:
+            streams.append(weakref.ref(out._mhc_stream))
+        return added
+
+    def unpack(packed):
+        value = original_unpack(packed)
+        if isinstance(packed, tuple):
+            root = packed[1].root  # weakly held: the test must not keep the block alive
+            if counts.setdefault("last_root", weakref.ref(root))() is not root:
+                counts["blocks_done"] = 1
+            alive = sum(1 for ref in streams if ref() is not None and ref().cache is not None)
+            # per block: the first block rebuilt is the model's last
+            key = "most_alive_first_rebuilt" if counts["blocks_done"] == 0 else "most_alive_later"
+            counts[key] = max(counts[key], alive)
+        return value
+
+    monkeypatch.setattr(REGISTRY, "add_merged", add_merged)
+    monkeypatch.setattr(REGISTRY, "unpack", unpack)
+    results = {}
+    for rebuild in ("block", "sublayer", "auto"):
+        counts.clear()
+        counts.update(merges=0, in_place=0, most_alive_first_rebuilt=0, most_alive_later=0,
+                      blocks_done=0)
+        loss_grads = _run(2, "triton", [], rebuild)
+        del counts["last_root"], counts["blocks_done"]
+        results[rebuild] = loss_grads, dict(counts)
+    # sublayer chains: 3, 2, 1 merges; the 2nd and 3rd of a chain write into the one before
+    expected = {
+        "block": {"merges": 2 * 3, "in_place": 0, "most_alive_first_rebuilt": 3,
+                  "most_alive_later": 3},
+        "sublayer": {"merges": 2 * (3 + 2 + 1), "in_place": 2 * (2 + 1),
+                     "most_alive_first_rebuilt": 1, "most_alive_later": 1},
+        "auto": {"merges": 3 + 2 + 1 + 3, "in_place": 2 + 1, "most_alive_first_rebuilt": 1,
+                 "most_alive_later": 3},
+    }
+    (loss_ref, grads_ref), _ = results["block"]
+    for rebuild, ((loss, grads), counted) in results.items():
+        assert counted == expected[rebuild], rebuild
+        torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+        for name, grad in grads_ref.items():
+            torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=f"{rebuild} {name}")

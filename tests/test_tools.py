@@ -263,6 +263,43 @@ def test_loss_curves_are_compared_with_the_reference_run(tmp_path):
     assert bad.returncode != 0 and "--reference c: no such run" in bad.stderr
 
 
+def test_profile_summary_sorts_gpu_time_by_kind(tmp_path):
+    """benchmarks/summarize_profile.py on two hand-made Chrome traces: mHC kernels recognised by
+    their names in kernels/triton_kernels.py, per-step times, and the largest differences."""
+    import gzip
+    import subprocess
+    import sys
+
+    def trace(path, kernels):
+        events = [{"ph": "X", "cat": cat, "name": name, "dur": dur, "ts": 0}
+                  for cat, name, dur in kernels]
+        events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 999, "ts": 0})
+        with gzip.open(path, "wt") as f:
+            json.dump({"traceEvents": events}, f)
+        return path
+
+    plain = trace(tmp_path / "plain.json.gz", [("kernel", "nvjet_tst_128x256_h_bz", 4000.0),
+                                               ("kernel", "flash_fwd_kernel", 1000.0)])
+    mhc = trace(tmp_path / "mhc.json.gz", [("kernel", "nvjet_tst_128x256_h_bz", 4000.0),
+                                           ("kernel", "flash_fwd_kernel", 1000.0),
+                                           ("kernel", "post_res_fwd_kernel", 600.0),
+                                           ("kernel", "post_res_fwd_kernel", 600.0),
+                                           ("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 200.0)])
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "summarize_profile.py"
+    done = subprocess.run([sys.executable, str(script), "--steps", "2", f"plain={plain}",
+                           f"mhc={mhc}"], capture_output=True, text=True, check=True)
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
+            if line.startswith("| ")}
+    assert "| 0.00 | 0.60 | +0.60 |" in rows["mHC Triton kernels"], done.stdout
+    assert "| 2.00 | 2.00 | +0.00 |" in rows["GEMM"], done.stdout
+    assert "| 0.50 | 0.50 |" in rows["attention"] and "+0.10" in rows["memcpy/memset"]
+    assert "| 2.50 | 3.20 | +0.70 |" in rows["total"], done.stdout
+    assert "| 0 → 1 |" in rows["`post_res_fwd_kernel`"], done.stdout
+    missing = subprocess.run([sys.executable, str(script), f"x={tmp_path / 'none.json'}"],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "x: no trace file" in missing.stderr
+
+
 def test_training_numerics_check_runs_on_cpu():
     """benchmarks/check_training_numerics.py (a GPU diagnostic) on its tiny CPU model: the gradient
     table against float32 and a loss curve; an unknown variant is refused by name."""

@@ -127,6 +127,27 @@ def test_post_res_merge(dtype, tol, n, c):
               [x, y, h_post, h_res], [(t, n, c)], tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_into_equals_the_merge_in_place_too(dtype):
+    """``merge_into`` (the recompute's rebuild) writes ``post_res_merge``'s value bit for bit,
+    into a separate buffer or over ``x`` itself; ``x``'s shape [s, b, n, C] is kept."""
+    from megatron_mhc.kernels.triton_ops import merge_into
+
+    s, b, n, c = 3, 2, 4, 600
+    x = _randn(s, b, n, c, seed=11, dtype=dtype)
+    y = _randn(s, b, c, seed=12, dtype=dtype)
+    h_post = (2 * torch.rand(s, b, n, generator=torch.Generator().manual_seed(13))).to(DEVICE)
+    h_res = torch.rand(s, b, n, n, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    with torch.no_grad():
+        expected = _ops().post_res_merge(x, y, h_post, h_res)
+    assert torch.equal(merge_into(x, y, h_post, h_res, torch.empty_like(x)), expected)
+    in_place = x.clone()
+    assert merge_into(in_place, y, h_post, h_res, in_place) is in_place
+    assert torch.equal(in_place, expected)
+    with pytest.raises(ValueError, match="out must match x"):
+        merge_into(x, y, h_post, h_res, torch.empty_like(x[..., :-1]))
+
+
 def test_leading_dims_are_kept():
     ops = _ops()
     x = _randn(3, 2, 4, 24, seed=1)  # [s, b, n, C]

@@ -14,6 +14,8 @@ from typing import Optional
 VARIANTS = ("mhc", "hc", "residual")
 INIT_METHODS = ("default", "function_preserving")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "tilelang")
+#: How the mHC recompute's backward rebuilds a block's streams (``megatron_mhc.core.recompute``).
+RECOMPUTE_REBUILDS = ("auto", "block", "sublayer")
 MAX_EXPANSION_RATE = 16
 
 #: Field name -> the Megatron-LM command-line flag that sets it.
@@ -27,6 +29,7 @@ FLAG_NAMES = {
     "norm_eps": "--mhc-norm-eps",
     "kernel_backend": "--mhc-kernel-backend",
     "recompute_block": "--mhc-recompute-block",
+    "recompute_rebuild": "--mhc-recompute-rebuild",
     "overlap": "--mhc-overlap",
 }
 
@@ -55,6 +58,13 @@ class MHCConfig:
         kernel_backend: ``auto`` | ``torch`` | ``triton`` | ``tilelang``.
         recompute_block: L_r, layers per mHC recompute block (None: no mHC recompute; 0: choose
             the memory-optimal value automatically).
+        recompute_rebuild: how the backward rebuilds a recompute block's streams: ``block`` (all
+            of them at its first use, each kept until its last use: one merge per stream),
+            ``sublayer`` (each from the block input when its sublayer's backward needs it, only
+            that one kept: one rebuilt stream alive, for L_r*(2*L_r - 1) merges per block
+            instead of 2*L_r - 1) or ``auto`` (``sublayer`` for the last block of a model
+            chunk, where the backward starts at the memory peak; ``block`` for the others).
+            Other than ``auto`` only with ``recompute_block``.
         overlap: the overlapped schedule (``megatron_mhc.core.overlap``): each MLP sublayer's
             post/residual merge runs on a high-priority CUDA stream; through ``--mhc-overlap``
             (``megatron_mhc.training.hooks``) the 1F1B schedule also stops synchronising the host after
@@ -71,6 +81,7 @@ class MHCConfig:
     norm_eps: float = 1e-6
     kernel_backend: str = "auto"
     recompute_block: Optional[int] = None
+    recompute_rebuild: str = "auto"
     overlap: bool = False
 
     def __post_init__(self):
@@ -106,6 +117,12 @@ class MHCConfig:
             raise _bad(
                 "recompute_block", self.recompute_block, "None, 0 (automatic) or a positive integer"
             )
+        if self.recompute_rebuild not in RECOMPUTE_REBUILDS:
+            raise _bad("recompute_rebuild", self.recompute_rebuild, ", ".join(RECOMPUTE_REBUILDS))
+        if self.recompute_rebuild != "auto" and self.recompute_block is None:
+            raise _bad("recompute_rebuild", self.recompute_rebuild,
+                       f"'auto' unless {FLAG_NAMES['recompute_block']} is set (there is no mHC "
+                       "recompute to rebuild streams for)")
         if not isinstance(self.overlap, bool):
             raise _bad("overlap", self.overlap, "True or False")
 

@@ -143,6 +143,15 @@ class HyperConnection(MegatronModule):
         """The next residual state ``H_res x + H_post^T y`` (``[..., n, C]``)."""
         return self.ops.post_res_merge(x, y, h_post, h_res)
 
+    def rebuild_merge(self, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor,
+                      out: Optional[Tensor] = None) -> Tensor:
+        """``merge``'s value without autograd, for the recompute's rebuild of a stream; written
+        into ``out`` (which may be ``x``) where the backend has ``merge_into``."""
+        with torch.no_grad():
+            if out is not None and self.ops.merge_into is not None:
+                return self.ops.merge_into(x, y, h_post, h_res, out)
+            return self.merge(x, y, h_post, h_res)
+
     def merge_linked(self, x_link: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor,
                      link: Any) -> Tensor:
         """``merge`` of the pair opened by ``enter_linked`` (plain ``merge`` when ``link`` is None)."""

@@ -236,7 +236,7 @@ class MHCLayerMixin:
         if recompute:
             starts_block = (self.layer_number - 1) % self.mhc_recompute_block == 0
             if starts_block or not REGISTRY.is_live(x):
-                block_input = REGISTRY.add_block_input(x)
+                block_input = REGISTRY.add_block_input(x, self.mhc_config.recompute_rebuild)
         context = None
         if self.has_attention:
             x, context, projection = self._sublayer(
@@ -290,8 +290,8 @@ class MHCLayerMixin:
         if recompute:
             y_saved, hp_saved, hr_saved = y.detach(), h_post.detach(), h_res.detach()
             REGISTRY.add_merged(
-                out, x, lambda parent: hc.merge(parent, y_saved, hp_saved, hr_saved)
-            )
+                out, x, lambda parent, buffer: hc.rebuild_merge(parent, y_saved, hp_saved,
+                                                                hr_saved, buffer))
         return out, context, next_projection
 
 

@@ -10,6 +10,21 @@ Mechanism: saved-tensor hooks around the mHC ops of each sublayer. When an op sa
 this module produced (recognised by its storage), the hook stores a small token instead; the
 unpack hook rebuilds the stream on first use in the backward and caches it until its last use.
 
+Rebuild policies (``MHCConfig.recompute_rebuild``). The backward meets a block's streams last
+first, so the first rebuild runs the whole chain from the block input:
+
+* ``block`` keeps every stream of that chain until its own last use: one merge per stream, but
+  the whole block (2*L_r - 1 streams of a GPT block) is alive at the start of the block's
+  backward;
+* ``sublayer`` keeps only the stream asked for, and rebuilds the one the backward asks for next
+  again from the block input (or the nearest stream still cached): at most one rebuilt stream
+  alive, for L_r*(2*L_r - 1) merges per GPT block instead of 2*L_r - 1. Backends with
+  ``merge_into`` (Triton) merge along the chain in one buffer, so a rebuild allocates one stream;
+* ``auto`` (the default) rebuilds the last block of a forward chain (a model chunk's last
+  layers, whose backward starts while every activation of the micro-batch is still held: the
+  memory peak) sublayer by sublayer, and every other block as ``block``: by the time an earlier
+  block is rebuilt, the later layers' activations are freed, far more than its streams take.
+
 L_r choice: per token, the stored block inputs take n*C*ceil(L/L_r) and the backward of one
 block holds about (n+2)*C*L_r (its rebuilt streams and sublayer data); minimising
 n*C*L/L_r + (n+2)*C*L_r gives the paper's L_r* = sqrt(n*L/(n+2)), rounded and at least 1, the
@@ -28,6 +43,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from megatron_mhc.core.config import RECOMPUTE_REBUILDS
+
 
 def optimal_recompute_block(n: int, num_layers: int) -> int:
     """The paper's memory-optimal block size L_r* = sqrt(n L / (n + 2)), rounded, at least 1."""
@@ -35,29 +52,54 @@ def optimal_recompute_block(n: int, num_layers: int) -> int:
 
 
 class _Stream:
-    """One stream of a block: the stored block input, or how to rebuild a merged stream."""
+    """One stream of a block: the stored block input (a root), or how to rebuild a merged stream.
 
-    __slots__ = ("tensor", "parent", "rebuild", "stored", "uses_left", "cache", "__weakref__")
+    A root also holds its block's rebuild policy: ``keep_chain`` (True: ``block``, False:
+    ``sublayer``), which under ``auto`` turns True once a later block follows this one."""
+
+    __slots__ = ("tensor", "parent", "root", "rebuild", "stored", "keep_chain", "auto",
+                 "uses_left", "cache", "__weakref__")
 
     def __init__(self, tensor: Tensor, parent: Optional["_Stream"],
-                 rebuild: Optional[Callable[[Tensor], Tensor]]):
+                 rebuild: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]],
+                 policy: str = "block"):
         self.tensor = weakref.ref(tensor)  # alive while the forward still holds it
         self.parent = parent
+        # None for a root (no reference cycle: a root must be freed as soon as unused).
+        self.root = None if parent is None else (parent.root or parent)
         self.rebuild = rebuild
         # The block input is saved by the mHC ops anyway; holding it here costs nothing extra
         # and ends with the last token of its block (tokens -> entries -> parent chain).
         self.stored = tensor if parent is None else None
+        self.keep_chain = policy == "block"
+        self.auto = policy == "auto"
         self.uses_left = 0
         self.cache: Optional[Tensor] = None
 
+    def _value(self) -> Optional[Tensor]:
+        return self.stored if self.stored is not None else self.cache
+
     def materialise(self) -> Tensor:
-        """This stream's value, rebuilt (and cached) from the block input when needed."""
-        if self.stored is not None:
-            return self.stored
-        if self.cache is None:
-            with torch.no_grad():
-                self.cache = self.rebuild(self.parent.materialise())
-        return self.cache
+        """This stream's value, rebuilt (and cached) from the nearest stored or cached ancestor.
+
+        Ancestors rebuilt on the way are cached too when the block keeps its chain (``block``:
+        they are asked for next), dropped otherwise (``sublayer``)."""
+        keep_chain = (self.root or self).keep_chain
+        chain = []
+        node = self
+        while node._value() is None:
+            chain.append(node)
+            node = node.parent
+        value, owned = node._value(), False
+        with torch.no_grad():
+            for stream in reversed(chain):
+                # A value no stream holds is overwritten by its child (the rebuild may merge in
+                # place), so a sublayer rebuild keeps one buffer for its whole chain.
+                value = stream.rebuild(value, value if owned else None)
+                owned = not (stream is self or keep_chain)
+                if not owned:
+                    stream.cache = value
+        return value
 
 
 class StreamRecompute:
@@ -97,13 +139,23 @@ class StreamRecompute:
                 entry.tensor = weakref.ref(t)
                 t._mhc_stream = entry
 
-    def add_block_input(self, x: Tensor) -> _Stream:
+    def add_block_input(self, x: Tensor, policy: str = "block") -> _Stream:
         """Register x as a block input: stored as usual (the mHC ops save it), never rebuilt.
+        ``policy``: how the backward rebuilds the streams merged from it (``RECOMPUTE_REBUILDS``).
+        Under ``auto``, a block whose last stream x is stops rebuilding sublayer by sublayer:
+        it is not the last block of its chain, so its backward does not start at the peak.
 
         The caller drops it (``drop``) once its layer's forward is done: the entry holds x
         strongly for the rebuilds, so its liveness cannot tell."""
+        if policy not in RECOMPUTE_REBUILDS:
+            raise ValueError(f"rebuild policy {policy!r}: allowed {', '.join(RECOMPUTE_REBUILDS)}")
         with self.lock:
-            entry = _Stream(x, None, None)
+            previous = self._lookup(x)
+            if previous is not None:
+                previous_root = previous.root or previous
+                if previous_root.auto:
+                    previous_root.keep_chain = True
+            entry = _Stream(x, None, None, policy)
             self.live[self._key(x)] = entry
             return entry
 
@@ -114,8 +166,11 @@ class StreamRecompute:
             if stored is not None and self.live.get(self._key(stored)) is entry:
                 del self.live[self._key(stored)]
 
-    def add_merged(self, out: Tensor, parent: Tensor, rebuild: Callable[[Tensor], Tensor]) -> bool:
-        """Register ``out = rebuild(parent)``; False when ``parent`` is in no block in flight."""
+    def add_merged(self, out: Tensor, parent: Tensor,
+                   rebuild: Callable[[Tensor, Optional[Tensor]], Tensor]) -> bool:
+        """Register ``out = rebuild(parent, buffer)``; False when ``parent`` is in no block in
+        flight. ``buffer`` is None or a tensor the rebuild may write its result into (possibly
+        ``parent``'s own value, no longer needed)."""
         with self.lock:
             parent_entry = self._lookup(parent)
             if parent_entry is None:

@@ -27,6 +27,7 @@ from megatron_mhc.core.config import (
     FLAG_NAMES,
     INIT_METHODS,
     KERNEL_BACKENDS,
+    RECOMPUTE_REBUILDS,
     VARIANTS,
     MHCConfig,
     cuda_graph_problems,
@@ -93,6 +94,14 @@ def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        dest="mhc_recompute_block",
                        help="Recompute mHC work in blocks of L_r layers: a positive integer or "
                             "'auto' (L_r* = round(sqrt(n L / (n + 2))) per pipeline stage).")
+    group.add_argument(FLAG_NAMES["recompute_rebuild"], choices=RECOMPUTE_REBUILDS, default=None,
+                       dest="mhc_recompute_rebuild",
+                       help="How the backward rebuilds a recompute block's streams: block "
+                            "(all at once, one merge each), sublayer (one at a time from the "
+                            "block input: lower peak memory, more merges) or auto (default: "
+                            "sublayer for each model chunk's last block, where the backward "
+                            "starts at the memory peak, block elsewhere). Needs "
+                            f"{FLAG_NAMES['recompute_block']}.")
     group.add_argument(FLAG_NAMES["overlap"], action="store_true", default=None,
                        dest="mhc_overlap",
                        help="The overlapped schedule: MLP post/residual merges on a high-priority "

@@ -33,6 +33,11 @@ class MHCOps:
     #: takes them as ``enter_linked(out, next_phi, ..., projection=projection)`` and does not
     #: read the stream for them. Without it each entry projects its own stream.
     merge_linked_project: Optional[Callable] = None
+    #: Optional ``merge_into(x, y, h_post, h_res, out) -> out``: ``post_res_merge``'s value
+    #: (bit for bit) written into ``out``, which may be ``x`` itself; no autograd. The mHC
+    #: recompute rebuilds a chain of streams in one buffer with it. Without it every rebuilt
+    #: stream is a new tensor.
+    merge_into: Optional[Callable] = None
 
 
 TORCH_OPS = MHCOps(

@@ -1,0 +1,94 @@
+"""Time the per-token mapping kernels (Sinkhorn forward + pre-apply, Sinkhorn backward) over
+tile shapes on a GPU: tokens per program (BT) and warps.
+
+    python3 benchmarks/probe_mappings.py [--tokens 4096 8192] [--hidden 768 4096]
+
+Both kernels do per-token work (20 Sinkhorn iterations on an n x n tile) that is latency-bound
+at small token counts; the mapping forward also reads x once for the pre-apply (its byte floor:
+read x, write agg). Prints the median time per shape; the first row of each group is the shape
+the op launches today (``kernels/triton_ops.py``).
+"""
+
+import argparse
+import functools
+
+import torch
+import triton
+
+from megatron_mhc.kernels import triton_kernels as K
+from megatron_mhc.kernels import triton_ops
+
+FWD_SHAPES = [(4, 4), (4, 2), (4, 1), (2, 1), (8, 4), (8, 2), (16, 4)]
+BWD_SHAPES = [(16, 4), (16, 2), (16, 1), (8, 1), (4, 1), (8, 2), (32, 4), (32, 2)]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def time_us(fn) -> float:
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[768, 4096])
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_mappings.py needs a CUDA GPU")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    bw = 2 * src.numel() / (time_us(functools.partial(torch.empty_like(src).copy_, src)) * 1e-6)
+    del src
+    n, iters = args.n, args.iters
+    m, np_ = n * n + 2 * n, triton.next_power_of_2(n)
+    dev = "cuda"
+    print(f"{torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | n={n}, "
+          f"{iters} Sinkhorn iterations; first row of each group = today's launch")
+    print("| kernel | T | C | BT | warps | us | % of byte floor |")
+    print("|---|---|---|---|---|---|---|")
+    for t in args.tokens:
+        for c in args.hidden:
+            x = torch.randn(t, n, c, device=dev, dtype=torch.bfloat16)
+            phi = (0.02 * torch.randn(n * c, m, device=dev)).to(torch.bfloat16)
+            alpha = torch.full((3,), 0.5, device=dev)
+            bias = torch.randn(m, device=dev)
+            proj_part, ss_part = triton_ops._project(x.view(t, n * c), phi, m)
+            split = proj_part.shape[0]
+            proj = torch.empty(t, m, device=dev)
+            rinv = torch.empty(t, device=dev)
+            h_pre, h_post = torch.empty(t, n, device=dev), torch.empty(t, n, device=dev)
+            h_res = torch.empty(t, n, n, device=dev)
+            agg = torch.empty(t, c, device=dev, dtype=x.dtype)
+            floor = (x.numel() + agg.numel()) * 2 / bw * 1e6
+            for bt, warps in FWD_SHAPES:
+                launch = K.mappings_fwd_kernel[(cdiv(t, bt),)]
+                us = time_us(functools.partial(
+                    launch, proj_part, ss_part, alpha, bias, proj, rinv, h_pre, h_post, h_res,
+                    x, agg, t, n * c, c, 1e-6, SPLIT=split, N=n, NP=np_, M=m,
+                    BM=triton.next_power_of_2(max(m, 16)), VARIANT_MHC=True, ITERS=iters,
+                    BT=bt, WITH_PRE=True, BC=512, num_warps=warps))
+                print(f"| mappings_fwd (+pre-apply) | {t} | {c} | {bt} | {warps} | {us:.1f} "
+                      f"| {100 * floor / us:.0f} % |", flush=True)
+            cb = cdiv(c, 512)
+            dh_pre = torch.randn(t, n, device=dev)
+            dh_post = torch.randn(t, cb, n, device=dev)
+            dh_res = torch.randn(t, cb, n, n, device=dev)
+            dproj = torch.empty(t, m, device=dev)
+            coef = torch.empty(t, device=dev)
+            scratch = torch.empty(t, 2 * iters * np_, device=dev)
+            for bt, warps in BWD_SHAPES:
+                blocks = cdiv(t, bt)
+                dalpha_part = torch.empty(blocks, 3, device=dev)
+                dbias_part = torch.empty(blocks, m, device=dev)
+                us = time_us(functools.partial(
+                    K.mappings_bwd_kernel[(blocks,)], proj, rinv, alpha, bias, dh_pre, dh_post,
+                    dh_res, dproj, coef, dalpha_part, dbias_part, scratch, t, n * c, cb, N=n,
+                    NP=np_, M=m, VARIANT_MHC=True, ITERS=iters, BT=bt, num_warps=warps))
+                print(f"| mappings_bwd | {t} | {c} | {bt} | {warps} | {us:.1f} | - |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
