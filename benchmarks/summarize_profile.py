@@ -10,7 +10,9 @@ counted like the others (CUPTI reports them one by one). It prints:
 
 * GPU time per step by kind: the mHC Triton kernels (the ``*_kernel`` functions of
   ``kernels/triton_kernels.py``), GEMMs, attention, norms, elementwise/copy kernels, optimizer
-  kernels, NCCL, memcpy/memset, other; with each run's difference from the first run;
+  kernels, NCCL, memcpy/memset, other; with each run's difference from the first run; then the
+  GPU's busy time (overlapping kernels counted once) and idle time within the traced window,
+  which is where host-bound stretches show;
 * the kernels whose time per step changed most against the first run (by name), so extra work
   outside the mHC kernels (copies of the wider stream, casts, reductions) shows by name.
 """
@@ -69,6 +71,24 @@ def kind_of(name: str, category: str, mhc_names: set) -> str:
     return "other"
 
 
+def busy_and_window(events: list):
+    """(GPU busy, traced window) in microseconds: the union of the GPU events' intervals, and
+    the span from the first GPU event's start to the last one's end."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not spans:
+        return 0.0, 0.0
+    busy, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return busy, max(e for _, e in spans) - spans[0][0]
+
+
 def gpu_time_by_name(events: list):
     """Microseconds of GPU time and the number of launches, each per (category, name)."""
     totals, counts = collections.Counter(), collections.Counter()
@@ -88,7 +108,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: allowed a positive integer")
-    runs, launches = {}, {}
+    runs, launches, spans = {}, {}, {}
     for item in args.runs:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
@@ -96,7 +116,9 @@ def main(argv=None):
         if not os.path.isfile(path):
             sys.exit(f"summarize_profile.py: {name}: no trace file {path}")
         try:
-            runs[name], launches[name] = gpu_time_by_name(load_events(path))
+            events = load_events(path)
+            runs[name], launches[name] = gpu_time_by_name(events)
+            spans[name] = busy_and_window(events)
         except (OSError, ValueError, KeyError) as err:
             sys.exit(f"summarize_profile.py: {name}: {path} is not a Chrome trace ({err})")
         if not runs[name]:
@@ -121,6 +143,12 @@ def main(argv=None):
         deltas = [v - values[0] for v in values[1:]]
         print(f"| {kind} | " + " | ".join(f"{v:.2f}" for v in values) + " | " +
               " | ".join(f"{d:+.2f}" for d in deltas) + " |")
+    for label, pick in (("GPU busy (kernels overlapped once)", lambda b, w: b),
+                        ("GPU idle in the traced window", lambda b, w: w - b),
+                        ("traced window", lambda b, w: w)):
+        values = [pick(*spans[n]) * per_step for n in names]
+        print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " | " +
+              " | ".join(f"{v - values[0]:+.2f}" for v in values[1:]) + " |")
     for other in names[1:]:
         print(f"\nKernels whose time per step changed most, {other} − {first} (ms per step)")
         print("| kernel | kind | " + f"{first} | {other} | Δ | launches per step |")

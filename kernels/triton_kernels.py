@@ -583,9 +583,11 @@ def post_res_bwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, dout_ptr,
 @triton.jit
 def param_grads_kernel(dphi_part_ptr, dphi_ptr, dalpha_part_ptr, dalpha_ptr, dbias_part_ptr,
                        dbias_ptr, K, SPLITS, G,
-                       M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr):
+                       M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr,
+                       ACCUMULATE: tl.constexpr):
     """Programs 0 .. cdiv(K, BK)-1: dphi rows [BK, M] summed over SPLITS; the last program:
-    dalpha [3] and dbias [M] summed over G token blocks."""
+    dalpha [3] and dbias [M] summed over G token blocks. ACCUMULATE: add the sums (in float32)
+    to what the outputs hold (Megatron's ``main_grad`` buffers) instead of overwriting them."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BM)
     m_ok = cols < M
@@ -596,6 +598,8 @@ def param_grads_kernel(dphi_part_ptr, dphi_ptr, dalpha_part_ptr, dalpha_ptr, dbi
         acc = tl.zeros([BK, BM], dtype=tl.float32)
         for sp in range(SPLITS):
             acc += tl.load(dphi_part_ptr + sp * K * M + offs, mask=mask, other=0.0)
+        if ACCUMULATE:
+            acc += tl.load(dphi_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dphi_ptr + offs, acc.to(dphi_ptr.dtype.element_ty), mask=mask)
     else:
         bias_acc = tl.zeros([BG, BM], dtype=tl.float32)
@@ -608,7 +612,10 @@ def param_grads_kernel(dphi_part_ptr, dphi_ptr, dalpha_part_ptr, dalpha_ptr, dbi
                                 mask=g_ok[:, None] & m_ok[None, :], other=0.0)
             alpha_acc += tl.load(dalpha_part_ptr + gs[:, None] * 3 + a3[None, :],
                                  mask=g_ok[:, None] & (a3 < 3)[None, :], other=0.0)
-        tl.store(dbias_ptr + cols, tl.sum(bias_acc, axis=0).to(dbias_ptr.dtype.element_ty),
-                 mask=m_ok)
-        tl.store(dalpha_ptr + a3, tl.sum(alpha_acc, axis=0).to(dalpha_ptr.dtype.element_ty),
-                 mask=a3 < 3)
+        bias_sum = tl.sum(bias_acc, axis=0)
+        alpha_sum = tl.sum(alpha_acc, axis=0)
+        if ACCUMULATE:
+            bias_sum += tl.load(dbias_ptr + cols, mask=m_ok, other=0.0).to(tl.float32)
+            alpha_sum += tl.load(dalpha_ptr + a3, mask=a3 < 3, other=0.0).to(tl.float32)
+        tl.store(dbias_ptr + cols, bias_sum.to(dbias_ptr.dtype.element_ty), mask=m_ok)
+        tl.store(dalpha_ptr + a3, alpha_sum.to(dalpha_ptr.dtype.element_ty), mask=a3 < 3)

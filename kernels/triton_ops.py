@@ -13,7 +13,7 @@ import os
 import torch
 
 from megatron_mhc.core.ops import reference
-from megatron_mhc.core.ops.opset import MHCOps
+from megatron_mhc.core.ops.opset import FUSE_GRAD_ACCUMULATION_ATTR, MHCOps
 from megatron_mhc.kernels import triton_kernels as K
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -134,12 +134,14 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
     h_post = torch.empty(t, n, device=dev, dtype=torch.float32)
     h_res = torch.empty(t, n, n, device=dev, dtype=torch.float32)
     agg = torch.empty(t, c, device=dev, dtype=x.dtype) if with_pre else None
-    bt2 = 4 if with_pre else 16
+    # Tile shapes from benchmarks/probe_mappings.py (H100): per-token Sinkhorn work is
+    # latency-bound, so few tokens and one warp per program win.
+    bt2, warps = (2, 1) if with_pre else (16, 4)
     K.mappings_fwd_kernel[(_cdiv(t, bt2),)](
         proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res,
         x2, agg if with_pre else proj, t, kdim, c, eps,
         SPLIT=split, N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc,
-        ITERS=iters, BT=bt2, WITH_PRE=with_pre, BC=512, num_warps=4,
+        ITERS=iters, BT=bt2, WITH_PRE=with_pre, BC=512, num_warps=warps,
     )
     return (x2, phi_c, alpha_f, bias_f, proj, rinv), h_pre, h_post, h_res, agg
 
@@ -161,14 +163,43 @@ def _backward_dot_mode(dtype: torch.dtype) -> int:
     return 0
 
 
+def _main_grad_targets(params):
+    """The ``main_grad`` buffers of (phi, alpha, bias) when the backward adds into them itself
+    (Megatron's gradient-accumulation fusion, as Transformer-Engine does for its weights): every
+    parameter marked by the layer, wrapped by Megatron's DDP (``main_grad`` of its own shape,
+    ``grad_added_to_main_grad``). None: return the gradients as usual."""
+    if params is None:
+        return None
+    targets = []
+    for param in params:
+        main_grad = getattr(param, "main_grad", None)
+        if (not getattr(param, FUSE_GRAD_ACCUMULATION_ATTR, False) or main_grad is None
+                or not hasattr(param, "grad_added_to_main_grad")
+                or main_grad.shape != param.shape or main_grad.device != param.device
+                or not main_grad.is_contiguous()):
+            return None
+        targets.append(main_grad)
+    return targets
+
+
+def _placeholder_grad(param):
+    """What the backward returns for a parameter whose gradient it added to ``main_grad``: DDP's
+    hook skips it (``grad_added_to_main_grad``) unless ``zero_out_wgrad`` asks for zeros."""
+    if getattr(param, "zero_out_wgrad", False):
+        return torch.zeros_like(param)
+    return torch.empty_like(param)
+
+
 def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res,
-                       cb=1, d_agg=None, h_pre=None, dx_add=None, dx_out=None):
+                       cb=1, d_agg=None, h_pre=None, dx_add=None, dx_out=None, params=None):
     """dx and the parameter grads (in ``param_dtypes``) of the mappings, in three launches.
 
     ``dh_post`` / ``dh_res`` are ``[T, cb, n]`` / ``[T, cb, n, n]`` partial sums (cb = 1: the
     gradients themselves). With ``d_agg`` and ``h_pre`` the pre-apply's dx term is added in the
     same pass over x (the fused entry op); with ``dx_add`` another dx of the same stream is added
-    (the linked merge's); ``dx_out`` is where dx goes (may be ``dx_add`` itself).
+    (the linked merge's); ``dx_out`` is where dx goes (may be ``dx_add`` itself). ``params``:
+    the (phi, alpha, bias) parameters; where ``_main_grad_targets`` allows, their float32 sums go
+    straight into ``main_grad`` and placeholders come back.
     """
     x2, phi_c, alpha_f, bias_f, proj, rinv = saved
     t, kdim = x2.shape
@@ -179,7 +210,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     dev = x2.device
     dproj = torch.empty(t, m, device=dev, dtype=torch.float32)
     coef = torch.empty(t, device=dev, dtype=torch.float32)
-    bt = 16
+    bt = 8  # with one warp: 35-50 % faster than 16 tokens on 4 warps (probe_mappings.py, H100)
     blocks = _cdiv(t, bt)
     dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
     dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
@@ -188,7 +219,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     K.mappings_bwd_kernel[(blocks,)](
         proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
         dproj, coef, dalpha_part, dbias_part, scratch, t, kdim, cb,
-        N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=4,
+        N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=1,
     )
     dx = torch.empty_like(x2) if dx_out is None else dx_out
     # T-splits of whole 128-row chunks (every autotuned BT divides 128), for parallelism.
@@ -205,15 +236,23 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
         N=n, M=m, BM=bm, DOT_MODE=_backward_dot_mode(x2.dtype), WITH_PRE=with_pre,
         ADD_DX=dx_add is not None,
     )
-    phi_dtype, alpha_dtype, bias_dtype = param_dtypes
-    dphi = torch.empty(kdim, m, device=dev, dtype=phi_dtype)
-    dalpha = torch.empty(3, device=dev, dtype=alpha_dtype)
-    dbias = torch.empty(m, device=dev, dtype=bias_dtype)
+    targets = _main_grad_targets(params)
+    if targets is None:
+        phi_dtype, alpha_dtype, bias_dtype = param_dtypes
+        dphi = torch.empty(kdim, m, device=dev, dtype=phi_dtype)
+        dalpha = torch.empty(3, device=dev, dtype=alpha_dtype)
+        dbias = torch.empty(m, device=dev, dtype=bias_dtype)
+    else:
+        dphi, dalpha, dbias = targets
     bk = 64
     K.param_grads_kernel[(_cdiv(kdim, bk) + 1,)](
         dphi_part, dphi, dalpha_part, dalpha, dbias_part, dbias, kdim, splits, blocks,
-        M=m, BM=bm, BK=bk, BG=64, num_warps=4,
+        M=m, BM=bm, BK=bk, BG=64, ACCUMULATE=targets is not None, num_warps=4,
     )
+    if targets is not None:
+        for param in params:
+            param.grad_added_to_main_grad = True
+        dphi, dalpha, dbias = (_placeholder_grad(param) for param in params)
     return dx, dphi, dalpha, dbias
 
 
@@ -231,6 +270,7 @@ class _MappingsFunction(torch.autograd.Function):
                                                            iters, eps)
         ctx.save_for_backward(*saved)
         ctx.meta = (lead, n, c, variant_mhc, iters, (phi.dtype, alpha.dtype, bias.dtype))
+        ctx.params = (phi, alpha, bias)
         return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
 
     @staticmethod
@@ -240,7 +280,8 @@ class _MappingsFunction(torch.autograd.Function):
         t, dev = saved[0].shape[0], saved[0].device
         dx, dphi, dalpha, dbias = _mappings_backward(
             saved, n, variant_mhc, iters, param_dtypes, _grad_f32(dh_pre, (t, n), dev),
-            _grad_f32(dh_post, (t, n), dev), _grad_f32(dh_res, (t, n, n), dev))
+            _grad_f32(dh_post, (t, n), dev), _grad_f32(dh_res, (t, n, n), dev),
+            params=ctx.params)
         return dx.view(*lead, n, c), dphi, dalpha, dbias, None, None, None
 
 
@@ -268,6 +309,7 @@ def _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps, projection
         x, phi, alpha, bias, variant_mhc, iters, eps, with_pre=True, projection=projection)
     ctx.save_for_backward(*saved, h_pre)
     ctx.meta = (lead, n, c, variant_mhc, iters, (phi.dtype, alpha.dtype, bias.dtype))
+    ctx.params = (phi, alpha, bias)
     return agg.view(*lead, c), h_post.view(*lead, n), h_res.view(*lead, n, n)
 
 
@@ -308,7 +350,7 @@ def _entry_backward(ctx, d_agg, dh_post, dh_res, link=None, d_stream=None):
         dh_res = _grad_f32(dh_res, (t, n, n), dev)
     dx, dphi, dalpha, dbias = _mappings_backward(
         saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res, cb=cb,
-        d_agg=d_agg, h_pre=h_pre, dx_add=dx_add, dx_out=dx_out)
+        d_agg=d_agg, h_pre=h_pre, dx_add=dx_add, dx_out=dx_out, params=ctx.params)
     return dx.view(*lead, n, c), dphi, dalpha, dbias
 
 

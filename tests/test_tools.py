@@ -295,6 +295,7 @@ def test_profile_summary_sorts_gpu_time_by_kind(tmp_path):
     assert "| 0.50 | 0.50 |" in rows["attention"] and "+0.10" in rows["memcpy/memset"]
     assert "| 2.50 | 3.20 | +0.70 |" in rows["total"], done.stdout
     assert "| 0 → 1 |" in rows["`post_res_fwd_kernel`"], done.stdout
+    assert "| 2.00 | 2.00 | +0.00 |" in rows["GPU busy (kernels overlapped once)"], done.stdout
     missing = subprocess.run([sys.executable, str(script), f"x={tmp_path / 'none.json'}"],
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "x: no trace file" in missing.stderr

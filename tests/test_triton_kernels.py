@@ -148,6 +148,68 @@ def test_merge_into_equals_the_merge_in_place_too(dtype):
         merge_into(x, y, h_post, h_res, torch.empty_like(x[..., :-1]))
 
 
+def _ddp_like_params(param_dtype, fused):
+    """phi / alpha / bias as Megatron's DDP leaves them: a float32 ``main_grad``, the
+    ``grad_added_to_main_grad`` flag, and DDP's backward hook (add ``grad`` to ``main_grad`` unless
+    the backward did, then drop ``grad``); ``fused``: the layer's gradient-accumulation-fusion mark."""
+    from megatron_mhc.core.ops.opset import FUSE_GRAD_ACCUMULATION_ATTR
+
+    n, c = 4, 48
+    m = n * n + 2 * n
+    values = [_randn(n * c, m, seed=21, scale=0.2), torch.rand(3, generator=torch.Generator()
+              .manual_seed(22)).to(DEVICE) + 0.5, _randn(m, seed=23)]
+
+    def ddp_hook(param):
+        if param.grad is not None and not param.grad_added_to_main_grad:
+            param.main_grad.add_(param.grad.data)
+        param.grad = None
+
+    params = []
+    for value in values:
+        param = torch.nn.Parameter(value.to(param_dtype))
+        param.main_grad = torch.zeros(param.shape, dtype=torch.float32, device=DEVICE)
+        param.grad_added_to_main_grad = False
+        setattr(param, FUSE_GRAD_ACCUMULATION_ATTR, fused)
+        param.register_post_accumulate_grad_hook(ddp_hook)
+        params.append(param)
+    return params
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_parameter_grads_accumulate_into_main_grad(param_dtype):
+    """Under Megatron's gradient-accumulation fusion the entry's backward adds the float32 sums of
+    the phi / alpha / bias grads to ``main_grad`` itself and sets ``grad_added_to_main_grad``, so
+    DDP's hook adds nothing. Over two micro-batches ``main_grad`` equals DDP's own accumulation of
+    the returned grads (bit for bit with float32 parameters) and, with bfloat16 parameters, is no
+    further from the float64 reference (the returned grads are rounded to bfloat16 first)."""
+    n, c, t = 4, 48, 7
+    inputs = [_randn(t, n, c, seed=30 + mb, dtype=param_dtype) for mb in range(2)]
+    weights = [_randn(t, c, seed=40), _randn(t, n, seed=41), _randn(t, n, n, seed=42)]
+
+    def loss(op, x, params):
+        outs = op(x, *params, "mhc", 20, 1e-6)
+        return sum((o.double() * w.double()).sum() for o, w in zip(outs, weights))
+
+    main_grads = {}
+    for fused in (False, True):
+        params = _ddp_like_params(param_dtype, fused)
+        for x in inputs:
+            loss(_ops().enter, x, params).backward()
+        assert all(p.grad is None for p in params)
+        assert all(p.grad_added_to_main_grad is fused for p in params)
+        main_grads[fused] = [p.main_grad for p in params]
+    ref_params = [p.detach().double().requires_grad_(True)
+                  for p in _ddp_like_params(param_dtype, False)]
+    for x in inputs:
+        loss(reference.enter, x.double(), ref_params).backward()
+    for name, unfused, fused, ref in zip(("phi", "alpha", "bias"), main_grads[False],
+                                         main_grads[True], ref_params):
+        if param_dtype == torch.float32:
+            torch.testing.assert_close(fused, unfused, rtol=0, atol=0, msg=name)
+        _assert_close(fused, ref.grad, 2e-2, f"fused main_grad of {name}")
+        assert _rel_err(fused, ref.grad) <= _rel_err(unfused, ref.grad) + 1e-7, name
+
+
 def test_leading_dims_are_kept():
     ops = _ops()
     x = _randn(3, 2, 4, 24, seed=1)  # [s, b, n, C]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from megatron_mhc.core.config import MHCConfig
 from megatron_mhc.core.ops import MHCOps
+from megatron_mhc.core.ops.opset import FUSE_GRAD_ACCUMULATION_ATTR
 
 
 def static_bias_init(mhc_config: MHCConfig) -> Tensor:
@@ -73,6 +74,12 @@ class HyperConnection(MegatronModule):
         )
         for param in (self.phi, self.alpha, self.bias):
             param.sequence_parallel = bool(config.sequence_parallel)
+            # Megatron's gradient-accumulation fusion (on by default in pretrain_gpt.py): the
+            # Triton backward adds these grads to DDP's float32 main_grad itself, as TE's layers
+            # do for their weights (no separate add per parameter and micro-batch, and no
+            # rounding of the grads to the parameters' 16-bit dtype first).
+            setattr(param, FUSE_GRAD_ACCUMULATION_ATTR,
+                    bool(getattr(config, "gradient_accumulation_fusion", False)))
         #: When a list, every forward appends its H_res (detached) here; see megatron_mhc.core.gains.
         self.recorded_h_res: Optional[List[Tensor]] = None
         #: Under CUDA graphs a replay runs no Python, so instead of appending, every forward copies

@@ -9,6 +9,11 @@ from typing import Callable, Optional
 
 from megatron_mhc.core.ops import reference
 
+#: Set True by the layer on phi / alpha / bias under Megatron's ``gradient_accumulation_fusion``:
+#: a backend may then add their gradients to DDP's ``main_grad`` itself (and set
+#: ``grad_added_to_main_grad``) instead of returning them, as Transformer-Engine does for weights.
+FUSE_GRAD_ACCUMULATION_ATTR = "mhc_fuse_grad_accumulation"
+
 
 @dataclass(frozen=True)
 class MHCOps:
