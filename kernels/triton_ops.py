@@ -247,7 +247,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     bk = 64
     K.param_grads_kernel[(_cdiv(kdim, bk) + 1,)](
         dphi_part, dphi, dalpha_part, dalpha, dbias_part, dbias, kdim, splits, blocks,
-        M=m, BM=bm, BK=bk, BG=64, ACCUMULATE=targets is not None, num_warps=4,
+        M=m, BM=bm, BK=bk, BG=256, ACCUMULATE=targets is not None, num_warps=4,
     )
     if targets is not None:
         for param in params:

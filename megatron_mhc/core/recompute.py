@@ -30,7 +30,10 @@ block holds about (n+2)*C*L_r (its rebuilt streams and sublayer data); minimisin
 n*C*L/L_r + (n+2)*C*L_r gives the paper's L_r* = sqrt(n*L/(n+2)), rounded and at least 1, the
 default for ``recompute_block=0`` (L = the layers of one pipeline stage). Measured on an H100 with
 8 layers (benchmarks/RESULTS.md): peak memory 1.43x the plain model without recompute, 1.27x /
-1.23x / 1.27x with L_r = 1 / 2 / 4 (2 = L_r*), for +1.3 points of step time.
+1.23x / 1.27x with L_r = 1 / 2 / 4 (2 = L_r*), for +1.3 points of step time (local spec,
+``block`` rebuilds). The ``auto`` rebuild keeps the last block's term at one stream, so a larger
+L_r then trades merges for memory: on TE (8 layers, C = 4096) 1.32x at L_r = 2 and 1.26x at
+L_r = 4, for +2.7 / +5.1 points over no recompute (RESULTS.md, sixth part).
 """
 
 from __future__ import annotations
