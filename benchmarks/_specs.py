@@ -39,15 +39,28 @@ def gpt_layer_spec(impl: str, mhc_config=None):
     return get_gpt_layer_with_mhc_spec(mhc_config, use_transformer_engine=True)
 
 
-def add_block_shape_arguments(parser) -> None:
-    """The block-shape options the layer benchmarks share: --hidden, --heads, --seq,
-    --micro-batch, --layers, --n (defaults: the 4-layer C = 4096 block of issue 14)."""
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--micro-batch", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--n", type=int, default=4)
+#: Defaults of ``add_block_shape_arguments``: the 4-layer C = 4096 block of issue 14.
+BLOCK_SHAPE_DEFAULTS = dict(hidden=4096, heads=32, seq=4096, micro_batch=2, layers=4, n=4)
+
+
+def add_block_shape_arguments(parser, **defaults) -> None:
+    """The block-shape options the benchmarks share: --hidden, --heads, --seq, --micro-batch,
+    --layers, --n, with ``BLOCK_SHAPE_DEFAULTS`` updated by ``defaults``."""
+    unknown = set(defaults) - set(BLOCK_SHAPE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"add_block_shape_arguments: unknown defaults {sorted(unknown)}")
+    for name, default in {**BLOCK_SHAPE_DEFAULTS, **defaults}.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+
+
+def add_recompute_rebuild_argument(parser) -> None:
+    """--recompute-rebuild: the ``MHCConfig.recompute_rebuild`` policies to run each L_r with."""
+    from megatron_mhc.core.config import RECOMPUTE_REBUILDS
+
+    parser.add_argument("--recompute-rebuild", nargs="+", default=["auto"],
+                        choices=RECOMPUTE_REBUILDS,
+                        help="the rebuild policies to run each --recompute-blocks L_r with "
+                             "(MHCConfig.recompute_rebuild; default auto)")
 
 
 def bf16_config(**kwargs):

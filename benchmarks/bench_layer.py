@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _specs import (  # noqa: E402
     add_block_shape_arguments,
+    add_recompute_rebuild_argument,
     bf16_config,
     gpt_layer_spec,
     init_single_gpu,
@@ -128,9 +129,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--recompute-blocks", type=int, nargs="*", default=[],
                         help="also time mHC (triton) with these L_r (0: the paper's optimum)")
-    parser.add_argument("--recompute-rebuild", nargs="+", default=["auto"],
-                        choices=["auto", "block", "sublayer"],
-                        help="the rebuild policies to time each L_r with (MHCConfig.recompute_rebuild)")
+    add_recompute_rebuild_argument(parser)
     args = parser.parse_args(argv)
     impls = args.impl.split(",")
     if not set(impls) <= {"te", "local"} or not impls:

@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _specs import bf16_config, sdpa_gpt_layer_spec  # noqa: E402
+from _specs import add_block_shape_arguments, bf16_config, sdpa_gpt_layer_spec  # noqa: E402
 
 VOCAB = 32768
 
@@ -196,14 +196,9 @@ def main(argv=None):
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--vpp", type=int, default=None,
                         help="virtual pipeline stages per rank (interleaved schedule)")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--micro-batch", type=int, default=1)
+    add_block_shape_arguments(parser, layers=8, hidden=2048, heads=16, micro_batch=1)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--profile", action="store_true",
                         help="also print a torch.profiler table of one step per variant")
     args = parser.parse_args(argv)

@@ -5,8 +5,10 @@ tile shapes on a GPU: tokens per program (BT) and warps.
 
 Both kernels do per-token work (20 Sinkhorn iterations on an n x n tile) that is latency-bound
 at small token counts; the mapping forward also reads x once for the pre-apply (its byte floor:
-read x, write agg). Prints the median time per shape; the first row of each group is the shape
-the op launches today (``kernels/triton_ops.py``).
+read x, write agg). Prints the median time per shape; the shape the ops launch
+(``MAPPINGS_FWD_TILE`` / ``MAPPINGS_BWD_TILE`` in ``kernels/triton_ops.py``) is marked "(launched)".
+The first rows, (4, 4) forward and (16, 4) backward, were the launches before the sixth part of
+issue 14.
 """
 
 import argparse
@@ -24,6 +26,10 @@ BWD_SHAPES = [(16, 4), (16, 2), (16, 1), (8, 1), (4, 1), (8, 2), (32, 4), (32, 2
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def launched(shape, tile) -> str:
+    return " (launched)" if tuple(shape) == tuple(tile) else ""
 
 
 def time_us(fn) -> float:
@@ -46,7 +52,7 @@ def main():
     m, np_ = n * n + 2 * n, triton.next_power_of_2(n)
     dev = "cuda"
     print(f"{torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | n={n}, "
-          f"{iters} Sinkhorn iterations; first row of each group = today's launch")
+          f"{iters} Sinkhorn iterations")
     print("| kernel | T | C | BT | warps | us | % of byte floor |")
     print("|---|---|---|---|---|---|---|")
     for t in args.tokens:
@@ -70,7 +76,8 @@ def main():
                     x, agg, t, n * c, c, 1e-6, SPLIT=split, N=n, NP=np_, M=m,
                     BM=triton.next_power_of_2(max(m, 16)), VARIANT_MHC=True, ITERS=iters,
                     BT=bt, WITH_PRE=True, BC=512, num_warps=warps))
-                print(f"| mappings_fwd (+pre-apply) | {t} | {c} | {bt} | {warps} | {us:.1f} "
+                print(f"| mappings_fwd (+pre-apply) | {t} | {c} | {bt} | {warps}"
+                      f"{launched((bt, warps), triton_ops.MAPPINGS_FWD_TILE)} | {us:.1f} "
                       f"| {100 * floor / us:.0f} % |", flush=True)
             cb = cdiv(c, 512)
             dh_pre = torch.randn(t, n, device=dev)
@@ -87,7 +94,9 @@ def main():
                     K.mappings_bwd_kernel[(blocks,)], proj, rinv, alpha, bias, dh_pre, dh_post,
                     dh_res, dproj, coef, dalpha_part, dbias_part, scratch, t, n * c, cb, N=n,
                     NP=np_, M=m, VARIANT_MHC=True, ITERS=iters, BT=bt, num_warps=warps))
-                print(f"| mappings_bwd | {t} | {c} | {bt} | {warps} | {us:.1f} | - |", flush=True)
+                print(f"| mappings_bwd | {t} | {c} | {bt} | {warps}"
+                      f"{launched((bt, warps), triton_ops.MAPPINGS_BWD_TILE)} | {us:.1f} | - |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _specs import (  # noqa: E402
     add_block_shape_arguments,
+    add_recompute_rebuild_argument,
     bf16_config,
     gpt_layer_spec,
     init_single_gpu,
@@ -119,9 +120,7 @@ def main(argv=None):
     add_block_shape_arguments(parser)
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--recompute-blocks", type=int, nargs="*", default=[2])
-    parser.add_argument("--recompute-rebuild", nargs="+", default=["auto"],
-                        choices=["auto", "block", "sublayer"],
-                        help="the rebuild policies to measure each L_r with")
+    add_recompute_rebuild_argument(parser)
     args = parser.parse_args(argv)
     if args.impl == "te" and not CUDA:
         sys.exit("saved_activations.py --impl te needs a CUDA GPU (use --impl local on CPU)")

@@ -109,6 +109,14 @@ def project_stream(x, phi) -> StreamProjection:
     return StreamProjection(part, ss, phi)
 
 
+#: (tokens per program, warps) of the mapping kernels: the forward with the pre-apply and the
+#: backward. The per-token Sinkhorn work is latency-bound, so few tokens on one warp win: on an
+#: H100, backward 35-51 % and forward 5-12 % faster than (16, 4) / (4, 4)
+#: (benchmarks/probe_mappings.py, which marks these rows).
+MAPPINGS_FWD_TILE = (2, 1)
+MAPPINGS_BWD_TILE = (8, 1)
+
+
 def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float,
                       with_pre: bool = False, projection: StreamProjection | None = None):
     """Launch the projection (unless ``projection`` holds it) and the mapping kernel (with the
@@ -134,9 +142,7 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
     h_post = torch.empty(t, n, device=dev, dtype=torch.float32)
     h_res = torch.empty(t, n, n, device=dev, dtype=torch.float32)
     agg = torch.empty(t, c, device=dev, dtype=x.dtype) if with_pre else None
-    # Tile shapes from benchmarks/probe_mappings.py (H100): per-token Sinkhorn work is
-    # latency-bound, so few tokens and one warp per program win.
-    bt2, warps = (2, 1) if with_pre else (16, 4)
+    bt2, warps = MAPPINGS_FWD_TILE if with_pre else (16, 4)
     K.mappings_fwd_kernel[(_cdiv(t, bt2),)](
         proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res,
         x2, agg if with_pre else proj, t, kdim, c, eps,
@@ -210,7 +216,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     dev = x2.device
     dproj = torch.empty(t, m, device=dev, dtype=torch.float32)
     coef = torch.empty(t, device=dev, dtype=torch.float32)
-    bt = 8  # with one warp: 35-50 % faster than 16 tokens on 4 warps (probe_mappings.py, H100)
+    bt, warps = MAPPINGS_BWD_TILE
     blocks = _cdiv(t, bt)
     dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
     dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
@@ -219,7 +225,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     K.mappings_bwd_kernel[(blocks,)](
         proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
         dproj, coef, dalpha_part, dbias_part, scratch, t, kdim, cb,
-        N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=1,
+        N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=warps,
     )
     dx = torch.empty_like(x2) if dx_out is None else dx_out
     # T-splits of whole 128-row chunks (every autotuned BT divides 128), for parallelism.
@@ -483,17 +489,20 @@ def pre_apply(x, h_pre):
 # ---------------------------------------------------------------------------------------------
 # Post/residual merge
 # ---------------------------------------------------------------------------------------------
-def _merge_inputs(ctx, x, y, h_post, h_res):
-    """The merge's kernel operands (``x3 [T, n, C]``, ``y2 [T, C]``, float32 ``hp``, ``hr``), saved
-    for its backward with the leading dims and dtypes in ``ctx.meta``."""
-    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+def _merge_operands(x, y, h_post, h_res):
+    """The merge's kernel operands: ``x3 [T, n, C]``, ``y2 [T, C]``, float32 ``hp``, ``hr``."""
+    n, c = x.shape[-2], x.shape[-1]
     x3 = _contig(x.reshape(-1, n, c))
     t = x3.shape[0]
-    y2 = _contig(y.reshape(t, c))
-    hp = _f32(h_post.reshape(t, n))
-    hr = _f32(h_res.reshape(t, n, n))
+    return x3, _contig(y.reshape(t, c)), _f32(h_post.reshape(t, n)), _f32(h_res.reshape(t, n, n))
+
+
+def _merge_inputs(ctx, x, y, h_post, h_res):
+    """``_merge_operands``, saved for the merge's backward with the leading dims and dtypes in
+    ``ctx.meta``."""
+    x3, y2, hp, hr = _merge_operands(x, y, h_post, h_res)
     ctx.save_for_backward(x3, y2, hp, hr)
-    ctx.meta = (lead, y.dtype, h_post.dtype, h_res.dtype)
+    ctx.meta = (x.shape[:-2], y.dtype, h_post.dtype, h_res.dtype)
     return x3, y2, hp, hr
 
 
@@ -617,13 +626,8 @@ def merge_into(x, y, h_post, h_res, out):
                          f"got {tuple(out.shape)} {out.dtype} {out.device}")
     if not out.is_contiguous():
         raise ValueError("merge_into: out must be contiguous")
-    n, c = x.shape[-2], x.shape[-1]
-    x3 = _contig(x.reshape(-1, n, c))
-    t = x3.shape[0]
-    y2 = _contig(y.to(x.dtype).reshape(t, c))
-    with torch.no_grad():
-        _launch_post_res_fwd(x3, y2, _f32(h_post.reshape(t, n)), _f32(h_res.reshape(t, n, n)),
-                             out.view(t, n, c))
+    x3, y2, hp, hr = _merge_operands(x, y.to(x.dtype), h_post, h_res)
+    _launch_post_res_fwd(x3, y2, hp, hr, out.view(x3.shape))  # a raw launch: no autograd
     return out
 
 
