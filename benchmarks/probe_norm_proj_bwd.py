@@ -43,17 +43,22 @@ def main():
         hp = torch.rand(t, n, device="cuda")
         dagg = torch.randn(t, c, device="cuda", dtype=torch.bfloat16)
         dx = torch.empty_like(x)
+        blocks = cdiv(t, 8)  # the mapping backward's alpha / bias partial rows
+        dalpha_part, dbias_part = torch.randn(blocks, 3, device="cuda"), torch.randn(blocks, m, device="cuda")
         floor = t * (2 * kdim + c) * 2 / bw * 1e6
         for splits in (4, 8, 16):
             rows = cdiv(cdiv(t, splits), 128) * 128
             part = torch.empty(splits, kdim, m, device="cuda")
+            dalpha_split = torch.empty(splits, 3, device="cuda")
+            dbias_split = torch.empty(splits, m, device="cuda")
             for cfg in configs:
                 bk, bt = cfg.kwargs["BK"], cfg.kwargs["BT"]
 
                 def run(bk=bk, bt=bt, cfg=cfg, kdim=kdim, c=c, x=x, phi=phi, dproj=dproj,
-                        coef=coef, hp=hp, dagg=dagg, dx=dx, part=part, rows=rows, splits=splits):
+                        coef=coef, hp=hp, dagg=dagg, dx=dx, part=part, rows=rows, splits=splits,
+                        sums=(dalpha_part, dbias_part, dalpha_split, dbias_split), g=blocks):
                     kernel[(cdiv(kdim, bk), splits)](
-                        x, phi, dproj, coef, dx, part, hp, dagg, dx, t, kdim, c, rows,
+                        x, phi, dproj, coef, dx, part, hp, dagg, dx, *sums, t, kdim, c, rows, g,
                         N=n, M=m, BM=32, DOT_MODE=0, WITH_PRE=True, ADD_DX=True, BT=bt, BK=bk,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 try:

@@ -1,14 +1,18 @@
 """Per-kernel GPU time of one forward + backward of each Triton mHC op (torch.profiler).
 
     python benchmarks/profile_ops.py [--tokens 8192] [--n 4] [--hidden 4096 7168]
-                                     [--path fused|linked|unlinked]
+                                     [--path fused|linked|unlinked] [--ops-module MODULE ...]
 
 A diagnostic companion to bench_kernels.py: it shows which kernel of an op takes the time.
+``--ops-module`` profiles other copies of ``triton_ops`` too (e.g. a previous commit's
+``kernels/`` importable as ``base_kernels``: ``--ops-module base_kernels.triton_ops
+megatron_mhc.kernels.triton_ops``), one after the other per shape, for a before/after in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections import defaultdict
 
@@ -24,16 +28,23 @@ def main(argv=None):
     parser.add_argument("--path", choices=["fused", "linked", "unlinked"], default="fused",
                         help="fused: linked pair with cross-sublayer fusion (steady state); "
                              "linked: enter_linked + merge_linked; unlinked: enter + merge")
+    parser.add_argument("--ops-module", nargs="+", default=["megatron_mhc.kernels.triton_ops"],
+                        help="modules with the triton_ops interface to profile, in turn")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="profile every module this many times, interleaved")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit(f"{__file__.rsplit('/', 1)[-1]} needs a CUDA GPU")
+    modules = [importlib.import_module(name) for name in args.ops_module]
     for hidden in args.hidden:
-        profile(args.tokens, args.n, hidden, args.repeat, args.path)
+        for round_ in range(args.rounds):
+            for name, ops in zip(args.ops_module, modules):
+                label = f"{name}, round {round_ + 1}" if len(modules) > 1 or args.rounds > 1 else ""
+                profile(args.tokens, args.n, hidden, args.repeat, args.path, ops, label)
 
 
-def profile(tokens, n, hidden, repeat, path):
+def profile(tokens, n, hidden, repeat, path, ops, label=""):
     from megatron_mhc.core.ops import reference
-    from megatron_mhc.kernels import triton_ops as ops
 
     t, c, m = tokens, hidden, n * n + 2 * n
     dt = torch.bfloat16
@@ -78,7 +89,8 @@ def profile(tokens, n, hidden, repeat, path):
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time
             counts[event.name] += 1
-    print(f"\nT={t} n={n} C={c} bf16, {path} path: GPU time per step by kernel (microseconds)")
+    print(f"\nT={t} n={n} C={c} bf16, {path} path{', ' + label if label else ''}: GPU time per "
+          f"step by kernel (microseconds), total {sum(totals.values()) / repeat:.1f}")
     print("| kernel | us per step | calls per step |")
     print("|---|---|---|")
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):

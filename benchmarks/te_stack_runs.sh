@@ -25,6 +25,11 @@
 #                                              (GRAPHS=local: with per-layer CUDA graphs); GPU
 #                                              time per step by kind of kernel for both
 #                                              (benchmarks/summarize_profile.py)
+#   bash benchmarks/te_stack_runs.sh gradfusion 1 GPU: Megatron's --gradient-accumulation-fusion
+#                                              (mHC grads added into main_grad by the kernel)
+#                                              vs without, plain and mHC, in ROUNDS (default 1)
+#                                              interleaved rounds of ITERS (default 40); loss
+#                                              curves against the mHC run without the flag
 #   bash benchmarks/te_stack_runs.sh resume    2 GPUs, DP=2 + --use-distributed-optimizer: an
 #                                              uninterrupted run vs one stopped by --exit-interval
 #                                              and resumed; checkpoints compared bit for bit
@@ -34,11 +39,17 @@
 # `precision` and `graphs` (graphs cannot replay the host-side recompute), so those four pairs
 # compare like with like. Logs go to $OUT/<stage>.tar.xz; the table is printed last.
 set -uo pipefail
-STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|overhead|losscurve|profile|resume}
+STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|overhead|losscurve|profile|gradfusion|resume}
 source benchmarks/device_setup.sh || exit 1
 export MEGATRON_LM=/tmp/mlm PYTHON=python3 IMPL=te
 LOGS=/tmp/logs/$STAGE && mkdir -p "$LOGS" "${OUT:=/tmp/out}"
 NO_RECOMPUTE="--enable-mhc --mhc-expansion-rate 4 --mhc-log-interval 10"
+if [[ "${GRAD_FUSION:-0}" == 1 || $STAGE == gradfusion ]] \
+        && ! python3 -c "import fused_weight_gradient_mlp_cuda" 2>/dev/null; then
+    # No Apex here: Megatron's output layer gets the PyTorch stand-in (tools/device/apex_shim).
+    export PYTHONPATH=$PWD/tools/device/apex_shim:$PYTHONPATH
+    echo "te_stack_runs.sh: Apex absent, fused_weight_gradient_mlp_cuda from tools/device/apex_shim"
+fi
 
 run() {  # run NAME VAR=VALUE... : one example run, its log in $LOGS/NAME.log
     local name=$1; shift
@@ -114,6 +125,15 @@ profile)
     done
     table
     python3 benchmarks/summarize_profile.py --steps 2 --top 20 "${traces[@]}" | tee "$LOGS/profile_summary.txt" ;;
+gradfusion)
+    export ITERS=${ITERS:-40} GPUS=1
+    for round in $(seq "${FIRST_ROUND:-1}" "${ROUNDS:-1}"); do
+        run "mhc_r$round" "MHC_ARGS=$NO_RECOMPUTE" GRAD_FUSION=0
+        run "mhc_gradfusion_r$round" "MHC_ARGS=$NO_RECOMPUTE" GRAD_FUSION=1
+        run "plain_gradfusion_r$round" MHC_ARGS= GRAD_FUSION=1
+        run "plain_r$round" MHC_ARGS= GRAD_FUSION=0
+    done
+    table --reference mhc_r1 ;;
 resume)
     export ITERS=20 GPUS=2 DISTOPT=1 SAVE_INTERVAL=10 NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
     export CUBLAS_WORKSPACE_CONFIG=:4096:8

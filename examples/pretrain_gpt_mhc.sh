@@ -15,6 +15,10 @@
 #   GRAPHS    local | full_iteration: Megatron's CUDA graphs (--cuda-graph-impl); the default mHC
 #             flags then drop --mhc-recompute-block (host-side recompute cannot be replayed)
 #   DISTOPT=1 --use-distributed-optimizer
+#   GRAD_FUSION=1  Megatron's --gradient-accumulation-fusion (weight grads, mHC's included, added
+#             straight into the float32 main_grad); Megatron needs Apex's
+#             fused_weight_gradient_mlp_cuda for its output layer (machines without Apex:
+#             tools/device/apex_shim on PYTHONPATH, a PyTorch stand-in). Default: off
 #   MASTER_PORT (default 29500; give concurrent runs different ports), ITERS (default 100), CKPT (a folder: save there every SAVE_INTERVAL=50 iterations), LOAD (a
 #   folder to resume from), MHC_ARGS (replace the mHC flags, e.g. "--enable-mhc --mhc-variant
 #   residual" for the ablation, or "" for plain Megatron), PYTHON (default python),
@@ -53,6 +57,12 @@ fi
 [[ "${FP8:-0}" == 1 && $IMPL != te ]] && fail "FP8=1 needs Transformer-Engine (IMPL=te); got IMPL=$IMPL"
 [[ $CP -gt 1 && $IMPL != te ]] && fail "CP=$CP needs Transformer-Engine attention (IMPL=te); got IMPL=$IMPL"
 case ${GRAPHS:-} in ""|local|full_iteration) ;; *) fail "GRAPHS=$GRAPHS: allowed local, full_iteration (or unset)" ;; esac
+case ${GRAD_FUSION:-0} in
+    0) ;;
+    1) $PYTHON -c "import fused_weight_gradient_mlp_cuda" 2>/dev/null \
+           || fail "GRAD_FUSION=1 needs Apex's fused_weight_gradient_mlp_cuda (Megatron's output layer); without Apex put tools/device/apex_shim on PYTHONPATH" ;;
+    *) fail "GRAD_FUSION=$GRAD_FUSION: allowed 0, 1" ;;
+esac
 if [[ $TP -gt 1 || $CP -gt 1 ]]; then
     # Megatron requires it for TP / CP overlap ordering (TP=2 fails without it).
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
@@ -69,7 +79,7 @@ MODEL_ARGS=(
     --seq-length 1024 --max-position-embeddings 1024
     --normalization RMSNorm --swiglu --disable-bias-linear
     --position-embedding-type rope --no-rope-fusion --untie-embeddings-and-output-weights
-    --no-gradient-accumulation-fusion --no-persist-layer-norm
+    --no-persist-layer-norm
     --no-masked-softmax-fusion --hidden-dropout 0 --attention-dropout 0
 )
 if [[ $IMPL == te ]]; then
@@ -88,6 +98,7 @@ TRAIN_ARGS=(
 [[ "${FP8:-0}" == 1 ]] && TRAIN_ARGS+=(--fp8-format hybrid --fp8-amax-history-len 1024
                                        --fp8-amax-compute-algo max)
 [[ "${DISTOPT:-0}" == 1 ]] && TRAIN_ARGS+=(--use-distributed-optimizer)
+[[ "${GRAD_FUSION:-0}" == 0 ]] && MODEL_ARGS+=(--no-gradient-accumulation-fusion)
 if [[ -n "${GRAPHS:-}" ]]; then
     TRAIN_ARGS+=(--cuda-graph-impl "$GRAPHS")
     [[ $GRAPHS == full_iteration ]] && TRAIN_ARGS+=(--no-check-for-nan-in-loss-and-grad)

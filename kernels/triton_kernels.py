@@ -339,12 +339,18 @@ def _norm_proj_bwd_configs():
 @triton.jit
 def norm_proj_bwd_kernel(
     x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr, h_pre_ptr, d_agg_ptr, dx_add_ptr,
-    T, K, C, rows_per_split,
+    dalpha_part_ptr, dbias_part_ptr, dalpha_split_ptr, dbias_split_ptr,
+    T, K, C, rows_per_split, G,
     N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DOT_MODE: tl.constexpr, WITH_PRE: tl.constexpr, ADD_DX: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dx = dproj @ phi^T + coef * x (+ pre-apply term, + dx_add), dphi partial = x^T @ dproj.
+
+    The programs of the first K-block also sum one share of the mapping backward's alpha / bias
+    partials (``[G, 3]`` / ``[G, M]``, one row per token block) into ``[SPLITS, 3]`` /
+    ``[SPLITS, M]``: a few rows each here, where one program summing all G rows (thousands at
+    T = 8192) took 15-30 us on an H100 (benchmarks/probe_param_grads.py).
 
     WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
     fused entry op writes its whole dx in this one pass. ADD_DX: also add ``dx_add`` (the post/res
@@ -403,6 +409,34 @@ def norm_proj_bwd_kernel(
                  mask=row_ok[:, None] & k_ok[None, :])
     tl.store(dphi_part_ptr + split * K * M + ks[:, None] * M + cols_m[None, :], dphi,
              mask=k_ok[:, None] & m_ok[None, :])
+    if kb == 0:
+        _sum_rows_share(dalpha_part_ptr, dbias_part_ptr, dalpha_split_ptr, dbias_split_ptr,
+                        G, split, tl.num_programs(1), M, BM)
+
+
+@triton.jit
+def _sum_rows_share(dalpha_part_ptr, dbias_part_ptr, dalpha_split_ptr, dbias_split_ptr,
+                    G, share, SHARES, M: tl.constexpr, BM: tl.constexpr):
+    """Chunk ``share`` of SHARES equal chunks of the rows of ``[G, 3]`` / ``[G, M]``, summed
+    (in a fixed order: deterministic) into row ``share`` of ``[SHARES, 3]`` / ``[SHARES, M]``."""
+    BG: tl.constexpr = 64
+    cols = tl.arange(0, BM)
+    m_ok = cols < M
+    a3 = tl.arange(0, 4)
+    per_share = tl.cdiv(G, SHARES)
+    g_begin = share * per_share
+    g_end = tl.minimum(g_begin + per_share, G)
+    bias_acc = tl.zeros([BG, BM], dtype=tl.float32)
+    alpha_acc = tl.zeros([BG, 4], dtype=tl.float32)
+    for g0 in range(g_begin, g_end, BG):
+        gs = g0 + tl.arange(0, BG)
+        g_ok = gs < g_end
+        bias_acc += tl.load(dbias_part_ptr + gs[:, None] * M + cols[None, :],
+                            mask=g_ok[:, None] & m_ok[None, :], other=0.0)
+        alpha_acc += tl.load(dalpha_part_ptr + gs[:, None] * 3 + a3[None, :],
+                             mask=g_ok[:, None] & (a3 < 3)[None, :], other=0.0)
+    tl.store(dbias_split_ptr + share * M + cols, tl.sum(bias_acc, axis=0), mask=m_ok)
+    tl.store(dalpha_split_ptr + share * 3 + a3, tl.sum(alpha_acc, axis=0), mask=a3 < 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,38 +616,35 @@ def post_res_bwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, dout_ptr,
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def param_grads_kernel(dphi_part_ptr, dphi_ptr, dalpha_part_ptr, dalpha_ptr, dbias_part_ptr,
-                       dbias_ptr, K, SPLITS, G,
-                       M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr,
+                       dbias_ptr, K, SPLITS,
+                       M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, SP: tl.constexpr,
                        ACCUMULATE: tl.constexpr):
-    """Programs 0 .. cdiv(K, BK)-1: dphi rows [BK, M] summed over SPLITS; the last program:
-    dalpha [3] and dbias [M] summed over G token blocks. ACCUMULATE: add the sums (in float32)
-    to what the outputs hold (Megatron's ``main_grad`` buffers) instead of overwriting them."""
+    """Programs 0 .. cdiv(K, BK)-1: dphi rows [BK, M] summed over SPLITS (<= SP; all partials
+    loaded at once, one memory latency); the last program: dalpha [3] and dbias [M] summed over
+    their SPLITS rows (``[SPLITS, 3]`` / ``[SPLITS, M]``, from the dx pass). ACCUMULATE: add the
+    sums (in float32) to what the outputs hold (Megatron's ``main_grad`` buffers) instead of
+    overwriting them."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BM)
     m_ok = cols < M
+    sp = tl.arange(0, SP)
+    sp_ok = sp < SPLITS
     if pid < tl.cdiv(K, BK):
         ks = pid * BK + tl.arange(0, BK)
         mask = (ks < K)[:, None] & m_ok[None, :]
         offs = ks[:, None] * M + cols[None, :]
-        acc = tl.zeros([BK, BM], dtype=tl.float32)
-        for sp in range(SPLITS):
-            acc += tl.load(dphi_part_ptr + sp * K * M + offs, mask=mask, other=0.0)
+        parts = tl.load(dphi_part_ptr + sp[:, None, None] * (K * M) + offs[None, :, :],
+                        mask=sp_ok[:, None, None] & mask[None, :, :], other=0.0)
+        acc = tl.sum(parts, axis=0)
         if ACCUMULATE:
             acc += tl.load(dphi_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dphi_ptr + offs, acc.to(dphi_ptr.dtype.element_ty), mask=mask)
     else:
-        bias_acc = tl.zeros([BG, BM], dtype=tl.float32)
         a3 = tl.arange(0, 4)
-        alpha_acc = tl.zeros([BG, 4], dtype=tl.float32)
-        for g0 in range(0, G, BG):
-            gs = g0 + tl.arange(0, BG)
-            g_ok = gs < G
-            bias_acc += tl.load(dbias_part_ptr + gs[:, None] * M + cols[None, :],
-                                mask=g_ok[:, None] & m_ok[None, :], other=0.0)
-            alpha_acc += tl.load(dalpha_part_ptr + gs[:, None] * 3 + a3[None, :],
-                                 mask=g_ok[:, None] & (a3 < 3)[None, :], other=0.0)
-        bias_sum = tl.sum(bias_acc, axis=0)
-        alpha_sum = tl.sum(alpha_acc, axis=0)
+        bias_sum = tl.sum(tl.load(dbias_part_ptr + sp[:, None] * M + cols[None, :],
+                                  mask=sp_ok[:, None] & m_ok[None, :], other=0.0), axis=0)
+        alpha_sum = tl.sum(tl.load(dalpha_part_ptr + sp[:, None] * 3 + a3[None, :],
+                                   mask=sp_ok[:, None] & (a3 < 3)[None, :], other=0.0), axis=0)
         if ACCUMULATE:
             bias_sum += tl.load(dbias_ptr + cols, mask=m_ok, other=0.0).to(tl.float32)
             alpha_sum += tl.load(dalpha_ptr + a3, mask=a3 < 3, other=0.0).to(tl.float32)

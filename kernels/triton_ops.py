@@ -233,12 +233,15 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     rows_per_split = _cdiv(_cdiv(t, splits), 128) * 128
     splits = _cdiv(t, rows_per_split)
     dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
+    dalpha_split = torch.empty(splits, 3, device=dev, dtype=torch.float32)
+    dbias_split = torch.empty(splits, m, device=dev, dtype=torch.float32)
     with_pre = d_agg is not None
     K.norm_proj_bwd_kernel[lambda meta: (_cdiv(kdim, meta["BK"]), splits)](
         x2, phi_c, dproj, coef, dx, dphi_part,
         h_pre if with_pre else coef, d_agg if with_pre else coef,
         dx_add if dx_add is not None else dx,
-        t, kdim, c, rows_per_split,
+        dalpha_part, dbias_part, dalpha_split, dbias_split,
+        t, kdim, c, rows_per_split, blocks,
         N=n, M=m, BM=bm, DOT_MODE=_backward_dot_mode(x2.dtype), WITH_PRE=with_pre,
         ADD_DX=dx_add is not None,
     )
@@ -250,10 +253,10 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
         dbias = torch.empty(m, device=dev, dtype=bias_dtype)
     else:
         dphi, dalpha, dbias = targets
-    bk = 64
+    bk = 16  # rows of dphi per program: SP x [16, BM] float32 partials loaded at once
     K.param_grads_kernel[(_cdiv(kdim, bk) + 1,)](
-        dphi_part, dphi, dalpha_part, dalpha, dbias_part, dbias, kdim, splits, blocks,
-        M=m, BM=bm, BK=bk, BG=256, ACCUMULATE=targets is not None, num_warps=4,
+        dphi_part, dphi, dalpha_split, dalpha, dbias_split, dbias, kdim, splits,
+        M=m, BM=bm, BK=bk, SP=_pow2(splits), ACCUMULATE=targets is not None, num_warps=4,
     )
     if targets is not None:
         for param in params:

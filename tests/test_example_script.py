@@ -1,6 +1,7 @@
 """``examples/pretrain_gpt_mhc.sh`` refuses bad environment combinations before starting anything,
 naming the variable and what is allowed (run as users run it: bash, separate process)."""
 
+import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -16,7 +17,11 @@ CASES = [
     ({"IMPL": "local", "FP8": "1"}, "FP8=1 needs Transformer-Engine"),
     ({"IMPL": "local", "CP": "2"}, "CP=2 needs Transformer-Engine attention"),
     ({"IMPL": "local", "GRAPHS": "cudnn"}, "GRAPHS=cudnn: allowed local, full_iteration"),
+    ({"IMPL": "local", "GRAD_FUSION": "yes"}, "GRAD_FUSION=yes: allowed 0, 1"),
 ]
+if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:  # Apex absent
+    CASES.append(({"IMPL": "local", "GRAD_FUSION": "1"},
+                  "GRAD_FUSION=1 needs Apex's fused_weight_gradient_mlp_cuda"))
 
 
 @pytest.mark.parametrize("env, message", CASES, ids=[m.split(":")[0] for _, m in CASES])

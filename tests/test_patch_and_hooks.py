@@ -302,16 +302,22 @@ def test_argparse_errors_name_the_flag(argv, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_apply_mhc_to_spec_wraps_layers_and_blocks():
+def test_apply_mhc_to_spec_wraps_layers_and_blocks(monkeypatch):
+    from megatron.core.distributed import param_and_grad_buffer as buffers
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     from megatron_mhc.core.layer import MHCLayerMixin
+    from megatron_mhc.training.grad_buffer_layout import padded_param_layout
 
+    monkeypatch.setattr(buffers, "_compute_default_per_buffer_param_layout",
+                        buffers._compute_default_per_buffer_param_layout)
     args = _parse(["--enable-mhc", "--mhc-expansion-rate", "3"])
     config = argparse.Namespace(hidden_size=16)
     layer = get_gpt_layer_local_spec()
     wrapped = hooks.apply_mhc_to_spec(layer, args, config)
+    # DDP's default gradient-buffer layout now pads parameter starts (grad_buffer_layout).
+    assert buffers._compute_default_per_buffer_param_layout is padded_param_layout
     assert issubclass(wrapped.module, MHCLayerMixin) and wrapped.params["mhc_config"].n == 3
     assert hooks.pipeline_hidden_size(config) == 48
     block = TransformerBlockSubmodules(layer_specs=[layer, layer], layer_norm=None)

@@ -193,7 +193,8 @@ def apply_mhc_to_spec(spec: Any, args: Any, config: Any) -> Any:
     Accepts what Megatron's builders produce: a layer ``ModuleSpec``, a block spec
     (``TransformerBlockSubmodules``, e.g. for MoE) or a ``HybridModel`` stack spec. Marks ``config``
     with the stream count so the patched pipeline schedules size stage-to-stage tensors n*C wide;
-    with ``--mhc-overlap`` also sets ``config.batch_p2p_sync = False``.
+    with ``--mhc-overlap`` also sets ``config.batch_p2p_sync = False``. Also pads DDP's default
+    gradient-buffer layout (``training.grad_buffer_layout.align_grad_buffers``).
     ``args`` None: Megatron's global args (``megatron.training.get_args()``).
     """
     if args is None:
@@ -204,8 +205,11 @@ def apply_mhc_to_spec(spec: Any, args: Any, config: Any) -> Any:
     if mhc_config is None:
         return spec
     from megatron_mhc.core.specs import with_mhc_any
+    from megatron_mhc.training.grad_buffer_layout import align_grad_buffers
 
     wrapped = with_mhc_any(spec, mhc_config)
+    # mHC's small parameters would shift later weights' main_grad off alignment (see there).
+    align_grad_buffers()
     setattr(config, PIPELINE_STREAMS_ATTR, mhc_config.n)
     if mhc_config.overlap:
         # 1F1B sends through batched p2p followed by torch.cuda.synchronize() (a workaround for
