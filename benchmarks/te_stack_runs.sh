@@ -133,7 +133,7 @@ gradfusion)
         run "plain_gradfusion_r$round" MHC_ARGS= GRAD_FUSION=1
         run "plain_r$round" MHC_ARGS= GRAD_FUSION=0
     done
-    table --reference mhc_r1 ;;
+    if [[ -f $LOGS/mhc_r1.log ]]; then table --reference mhc_r1; else table; fi ;;
 resume)
     export ITERS=20 GPUS=2 DISTOPT=1 SAVE_INTERVAL=10 NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
     export CUBLAS_WORKSPACE_CONFIG=:4096:8
