@@ -24,6 +24,8 @@ def main():
     parser.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168])
     parser.add_argument("--n", type=int, default=4)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_norm_proj_bwd.py needs a CUDA GPU")
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     bw = 2 * src.numel() / (triton.testing.do_bench(lambda: dst.copy_(src)) * 1e-3)

@@ -22,26 +22,19 @@ from typing import List, Optional
 
 import torch
 
-#: Elements between parameter starts, as Megatron's distributed optimizer pads them.
-PARAM_START_ALIGNMENT = 64
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
 
 def padded_param_layout(params: List[torch.nn.Parameter], bucket_size: Optional[int]):
     """The non-distributed-optimizer buffer layout of ``params`` (laid out in reverse, backprop
     order, bucketed every ``bucket_size`` elements or in one bucket for None), each parameter
-    starting on a ``PARAM_START_ALIGNMENT`` boundary. Returns Megatron's
-    ``PerBufferParamLayout``."""
-    from megatron.core.optimizer.param_layout import PerBufferParamLayout
+    starting where the distributed optimizer's layout would start it (Megatron-Core's
+    ``pad_param_start``: a 64-element boundary). Returns Megatron's ``PerBufferParamLayout``."""
+    from megatron.core.optimizer.param_layout import PerBufferParamLayout, pad_param_start
 
     index_map, buckets, unpadded = {}, [], []
     start = bucket_start = bucket_id = 0
     bucket_open = False
     for param in params[::-1]:
-        start = _round_up(start, PARAM_START_ALIGNMENT)
+        start = pad_param_start(start)
         end = start + param.data.nelement()
         index_map[param] = (start, end, bucket_id)
         bucket_open = True
