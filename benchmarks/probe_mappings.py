@@ -16,6 +16,7 @@ import functools
 
 import torch
 import triton
+from _probe import copy_bandwidth, time_us
 
 from megatron_mhc.kernels import triton_kernels as K
 from megatron_mhc.kernels import triton_ops
@@ -32,10 +33,6 @@ def launched(shape, tile) -> str:
     return " (launched)" if tuple(shape) == tuple(tile) else ""
 
 
-def time_us(fn) -> float:
-    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
@@ -43,11 +40,7 @@ def main():
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("probe_mappings.py needs a CUDA GPU")
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    bw = 2 * src.numel() / (time_us(functools.partial(torch.empty_like(src).copy_, src)) * 1e-6)
-    del src
+    bw = copy_bandwidth("probe_mappings.py")
     n, iters = args.n, args.iters
     m, np_ = n * n + 2 * n, triton.next_power_of_2(n)
     dev = "cuda"

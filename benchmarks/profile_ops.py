@@ -95,6 +95,11 @@ def profile(tokens, n, hidden, repeat, path, ops, label=""):
     print("|---|---|---|")
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {name[:90]} | {us / repeat:.1f} | {counts[name] / repeat:.0f} |")
+    for kernel_name in ("norm_proj_bwd_kernel", "post_res_proj_fwd_kernel"):
+        tuned = getattr(getattr(ops.K, kernel_name, None), "cache", None)
+        if tuned:  # the autotuner's pick per key (it can differ between runs and modules)
+            picks = "; ".join(str(cfg) for cfg in tuned.values())
+            print(f"{kernel_name} autotuned: {picks}")
     del reference
 
 

@@ -222,11 +222,48 @@ def mappings_bwd_kernel(
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     row_ok = rows < T
+    ii = tl.arange(0, NP)
+    dh_pre = tl.load(dh_pre_ptr + rows[:, None] * N + ii[None, :],
+                     mask=row_ok[:, None] & (ii < N)[None, :], other=0.0)
+    _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
+                       dh_post_ptr, dh_res_ptr, dproj_ptr, coef_ptr, dalpha_part_ptr,
+                       dbias_part_ptr, lse_scratch_ptr, K, CB, N, NP, M, VARIANT_MHC, ITERS, BT)
+
+
+@triton.jit
+def pre_mappings_bwd_kernel(
+    x_ptr, d_agg_ptr, proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
+    dh_post_ptr, dh_res_ptr,
+    dproj_ptr, coef_ptr, dalpha_part_ptr, dbias_part_ptr, lse_scratch_ptr,
+    T, K, C, CB,
+    N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
+    VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    """The entry backward's dH_pre pass and mapping backward in one launch: each program sums
+    ``dH_pre[t, i] = sum_c x[t, i, c] d_agg[t, c]`` over its BT whole token rows (x ``[T, n, C]``,
+    d_agg ``[T, C]``; as ``pre_apply_bwd_kernel``), then runs ``mappings_bwd_kernel``'s per-token
+    work on those rows with dH_pre still in registers (same outputs; partial rows per BT tokens)."""
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    dh_pre = _pre_apply_dh(x_ptr, d_agg_ptr, rinv_ptr, x_ptr, rows, row_ok, C, N, NP, BT, BC,
+                           False)  # no dx here: h and dx are unused placeholders
+    _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
+                       dh_post_ptr, dh_res_ptr, dproj_ptr, coef_ptr, dalpha_part_ptr,
+                       dbias_part_ptr, lse_scratch_ptr, K, CB, N, NP, M, VARIANT_MHC, ITERS, BT)
+
+
+@triton.jit
+def _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
+                       dh_post_ptr, dh_res_ptr, dproj_ptr, coef_ptr, dalpha_part_ptr,
+                       dbias_part_ptr, lse_scratch_ptr, K, CB,
+                       N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
+                       VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr):
+    """The mapping backward of tokens ``rows`` (block ``pid``) given their dH_pre [BT, NP]."""
     rinv = tl.load(rinv_ptr + rows, mask=row_ok, other=0.0)
     z_pre, z_post, z_res, dyn_pre, dyn_post, dyn_res, m2, m3 = _load_logits(
         proj_ptr, rinv, alpha_ptr, bias_ptr, rows, row_ok, N, NP, M, VARIANT_MHC)
     ii = tl.arange(0, NP)
-    dh_pre = tl.load(dh_pre_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)
     dh_post = tl.zeros([BT, NP], dtype=tl.float32)
     dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
     res_in_row = ii[None, :, None] * N + ii[None, None, :]
@@ -459,15 +496,13 @@ def pre_apply_fwd_kernel(x_ptr, h_ptr, out_ptr, T, C,
 
 
 @triton.jit
-def pre_apply_bwd_kernel(x_ptr, h_ptr, dout_ptr, dx_ptr, dh_ptr, T, C,
-                         N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                         WRITE_DX: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    row_ok = rows < T
+def _pre_apply_dh(x_ptr, dout_ptr, h, dx_ptr, rows, row_ok, C,
+                  N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                  WRITE_DX: tl.constexpr):
+    """``dh[t, i] = sum_c x[t, i, c] dout[t, c]`` of tokens ``rows`` ([BT, NP] float32), one pass
+    over their whole rows; WRITE_DX: also ``dx[t, i, c] = h[t, i] dout[t, c]`` (h ``[BT, NP]``)."""
     ii = tl.arange(0, NP)
     i_ok = ii < N
-    h = tl.load(h_ptr + rows[:, None] * N + ii[None, :], mask=row_ok[:, None] & i_ok[None, :],
-                other=0.0)  # [BT, NP]
     dh = tl.zeros([BT, NP], dtype=tl.float32)
     for c0 in range(0, C, BC):
         cs = c0 + tl.arange(0, BC)
@@ -481,7 +516,20 @@ def pre_apply_bwd_kernel(x_ptr, h_ptr, dout_ptr, dx_ptr, dh_ptr, T, C,
         if WRITE_DX:
             tl.store(dx_ptr + offs, (h[:, :, None] * d[:, None, :]).to(dx_ptr.dtype.element_ty),
                      mask=m3)
-    tl.store(dh_ptr + rows[:, None] * N + ii[None, :], dh, mask=row_ok[:, None] & i_ok[None, :])
+    return dh
+
+
+@triton.jit
+def pre_apply_bwd_kernel(x_ptr, h_ptr, dout_ptr, dx_ptr, dh_ptr, T, C,
+                         N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         WRITE_DX: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    ii = tl.arange(0, NP)
+    m2 = row_ok[:, None] & (ii < N)[None, :]
+    h = tl.load(h_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)  # [BT, NP]
+    dh = _pre_apply_dh(x_ptr, dout_ptr, h, dx_ptr, rows, row_ok, C, N, NP, BT, BC, WRITE_DX)
+    tl.store(dh_ptr + rows[:, None] * N + ii[None, :], dh, mask=m2)
 
 
 # ----------------------------------------------------------------------------------------------

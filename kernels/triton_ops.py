@@ -84,17 +84,34 @@ class StreamProjection:
         self.ss_part.record_stream(stream)
 
 
+#: Programs below which the projection pass takes its small-problem launch: about two per SM of
+#: an H100 (132 SMs).
+PROJECTION_SMALL_GRID = 264
+
+
+def projection_plan(t: int, kdim: int):
+    """The projection pass's launch for ``[t, kdim]``: (tokens per program, K-block, K per split
+    before rounding, warps, stages). Large problems: 64 x 128 tiles on 8 warps, ~2048 of K per
+    split. When that grid would leave SMs idle (T = 4096, C = 768: 128 programs), 64 x 64 tiles on
+    4 warps and ~512 of K per split (H100: 20.7 -> 18.7 us there, L2 flushed; 112.5 vs 117.9 us at
+    T = 8192, C = 4096, where the large launch stays; benchmarks/probe_launch_shapes.py)."""
+    if _cdiv(t, 64) * _projection_splits(kdim, 128, 2048)[0] < PROJECTION_SMALL_GRID:
+        return 64, 64, 512, 4, 3
+    return 64, 128, 2048, 8, 3
+
+
 def _project(x2, phi_c, m):
     """The projection pass over ``x2 [T, n*C]``: partials ``[S, T, M]`` and ``[S, T]``."""
     t, kdim = x2.shape
     dot_mode, phi_dot = _projection_dot(x2.dtype, phi_c)
-    bt, bk = 64, 128
-    split, k_per_split = _projection_splits(kdim, bk, 2048)
+    bt, bk, per_split, warps, stages = projection_plan(t, kdim)
+    split, k_per_split = _projection_splits(kdim, bk, per_split)
     proj_part = torch.empty(split, t, m, device=x2.device, dtype=torch.float32)
     ss_part = torch.empty(split, t, device=x2.device, dtype=torch.float32)
     K.proj_partial_kernel[(_cdiv(t, bt), split)](
         x2, phi_dot, proj_part, ss_part, t, kdim, k_per_split,
-        M=m, BM=_pow2(m, 16), BT=bt, BK=bk, DOT_MODE=dot_mode, num_warps=8, num_stages=3,
+        M=m, BM=_pow2(m, 16), BT=bt, BK=bk, DOT_MODE=dot_mode, num_warps=warps,
+        num_stages=stages,
     )
     return proj_part, ss_part
 
@@ -115,6 +132,42 @@ def project_stream(x, phi) -> StreamProjection:
 #: (benchmarks/probe_mappings.py, which marks these rows).
 MAPPINGS_FWD_TILE = (2, 1)
 MAPPINGS_BWD_TILE = (8, 1)
+
+
+def mappings_pre_block(c: int) -> int:
+    """Channels per step of the pre-apply inside the mapping forward kernel."""
+    return 512
+
+
+def merge_tile(c: int):
+    """(tokens, channels, warps) of one program of the merge kernels and the dH_pre pass: 2 tokens
+    and the largest power-of-two channel block (128..512) that divides C, with one warp per 128
+    channels (8 values per thread and stream). A block that does not divide C leaves masked lanes
+    in its last program: at C = 768 the 512-block made the merge backward 45.6 us against 40.7
+    for 256 channels on 2 warps (H100, L2 flushed; benchmarks/probe_launch_shapes.py)."""
+    bc = 512
+    while bc > 128 and c % bc:
+        bc //= 2
+    return 2, bc, bc // 128
+
+
+def pre_mappings_tile(c: int):
+    """(tokens, channels, warps) of one program of the entry backward's dH_pre pass + mapping
+    backward (``pre_mappings_bwd_kernel``): 2 tokens in 128-channel steps on one warp. The
+    per-token Sinkhorn work after the pass is latency-bound and wants one warp, as the mapping
+    kernels do (H100, L2 flushed, benchmarks/probe_launch_shapes.py: 31.2 / 54.1 / 142.0 /
+    227.0 us at T x C = 4096 x 768 / 4096 x 2048 / 8192 x 4096 / 8192 x 7168, against 36.6 /
+    60.3 / 144.4 / 228.4 for the dH_pre pass and the mapping backward as two launches; the dH_pre
+    pass's own tile, 2 x 256-512 on 2-4 warps, took 66.5 / 116.8 / 238.6 / 307.5)."""
+    return 2, 128, 1
+
+
+def dx_pass_splits(t: int, kdim: int):
+    """(T-splits, rows per split) of the dx/dphi pass: whole 128-row chunks (every autotuned BT
+    divides 128), for parallelism."""
+    splits = max(1, min(8, _cdiv(t, 512)))
+    rows_per_split = _cdiv(_cdiv(t, splits), 128) * 128
+    return _cdiv(t, rows_per_split), rows_per_split
 
 
 def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float,
@@ -147,7 +200,7 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
         proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res,
         x2, agg if with_pre else proj, t, kdim, c, eps,
         SPLIT=split, N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc,
-        ITERS=iters, BT=bt2, WITH_PRE=with_pre, BC=512, num_warps=warps,
+        ITERS=iters, BT=bt2, WITH_PRE=with_pre, BC=mappings_pre_block(c), num_warps=warps,
     )
     return (x2, phi_c, alpha_f, bias_f, proj, rinv), h_pre, h_post, h_res, agg
 
@@ -200,6 +253,9 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
                        cb=1, d_agg=None, h_pre=None, dx_add=None, dx_out=None, params=None):
     """dx and the parameter grads (in ``param_dtypes``) of the mappings, in three launches.
 
+    ``dh_pre`` None (with ``d_agg``): the entry's dH_pre is summed from x and ``d_agg`` in the
+    mapping backward's own launch (``pre_mappings_bwd_kernel``).
+
     ``dh_post`` / ``dh_res`` are ``[T, cb, n]`` / ``[T, cb, n, n]`` partial sums (cb = 1: the
     gradients themselves). With ``d_agg`` and ``h_pre`` the pre-apply's dx term is added in the
     same pass over x (the fused entry op); with ``dx_add`` another dx of the same stream is added
@@ -216,22 +272,31 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     dev = x2.device
     dproj = torch.empty(t, m, device=dev, dtype=torch.float32)
     coef = torch.empty(t, device=dev, dtype=torch.float32)
-    bt, warps = MAPPINGS_BWD_TILE
-    blocks = _cdiv(t, bt)
-    dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
-    dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
     scratch = torch.empty(t, 2 * iters * np_ if variant_mhc else 1, device=dev,
                           dtype=torch.float32)
-    K.mappings_bwd_kernel[(blocks,)](
-        proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
-        dproj, coef, dalpha_part, dbias_part, scratch, t, kdim, cb,
-        N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=warps,
-    )
+    if dh_pre is None:  # the dH_pre pass and the mapping backward in one launch
+        bt, bc, warps = pre_mappings_tile(c)
+        blocks = _cdiv(t, bt)
+        dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
+        dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
+        K.pre_mappings_bwd_kernel[(blocks,)](
+            x2, d_agg, proj, rinv, alpha_f, bias_f, dh_post, dh_res,
+            dproj, coef, dalpha_part, dbias_part, scratch, t, kdim, c, cb,
+            N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, BC=bc,
+            num_warps=warps,
+        )
+    else:
+        bt, warps = MAPPINGS_BWD_TILE
+        blocks = _cdiv(t, bt)
+        dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
+        dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
+        K.mappings_bwd_kernel[(blocks,)](
+            proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
+            dproj, coef, dalpha_part, dbias_part, scratch, t, kdim, cb,
+            N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=warps,
+        )
     dx = torch.empty_like(x2) if dx_out is None else dx_out
-    # T-splits of whole 128-row chunks (every autotuned BT divides 128), for parallelism.
-    splits = max(1, min(8, _cdiv(t, 512)))
-    rows_per_split = _cdiv(_cdiv(t, splits), 128) * 128
-    splits = _cdiv(t, rows_per_split)
+    splits, rows_per_split = dx_pass_splits(t, kdim)
     dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
     dalpha_split = torch.empty(splits, 3, device=dev, dtype=torch.float32)
     dbias_split = torch.empty(splits, m, device=dev, dtype=torch.float32)
@@ -330,13 +395,7 @@ def _entry_backward(ctx, d_agg, dh_post, dh_res, link=None, d_stream=None):
     if d_agg is None:
         d_agg = torch.zeros(t, c, device=dev, dtype=x2.dtype)
     d_agg = _contig(d_agg.reshape(t, c))
-    # dH_pre in its own pass: folding it into the mapping backward (4 tokens per program) measured
-    # 7-10 % slower on an H100 (benchmarks/RESULTS.md, issue 14, third part).
-    dh_pre = torch.empty(t, n, device=dev, dtype=torch.float32)
-    bt, bc = 2, 512
-    K.pre_apply_bwd_kernel[(_cdiv(t, bt),)](
-        x2, h_pre, d_agg, x2, dh_pre, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc,
-        WRITE_DX=False, num_warps=4)
+    dh_pre = None  # summed in the mapping backward's launch (pre_mappings_bwd_kernel)
     cb, dx_out = 1, None
     dx_add = None if d_stream is None else _contig(d_stream.reshape(t, n * c))
     if link is not None and link.dh_post_part is not None:
@@ -367,9 +426,9 @@ class _EntryFunction(torch.autograd.Function):
     """Mappings + pre-apply of one sublayer: (x, phi, alpha, bias) -> (agg, H_post, H_res).
 
     Forward: the projection pass, then one kernel for the mappings and the pre-apply. Backward:
-    one pass for dH_pre (reads x and d_agg), the per-token mapping backward, one pass that writes
-    the whole dx (projection, norm and pre-apply terms) and the dphi partials, and one launch for
-    the parameter grads.
+    one kernel for dH_pre (a pass over x and d_agg) and the per-token mapping backward, one pass
+    that writes the whole dx (projection, norm and pre-apply terms) and the dphi partials, and one
+    launch for the parameter grads.
     """
 
     @staticmethod
@@ -513,9 +572,9 @@ def _launch_post_res_fwd(x3, y2, hp, hr, out):
     """The merge kernel over ``[T, n, C]`` operands. Each program loads its whole tile (every
     stream of its tokens and channels) before storing it, so ``out`` may be ``x3`` itself."""
     t, n, c = x3.shape
-    bt, bc = 2, 512
+    bt, bc, warps = merge_tile(c)
     K.post_res_fwd_kernel[(_cdiv(t, bt), _cdiv(c, bc))](
-        x3, y2, hp, hr, out, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=4)
+        x3, y2, hp, hr, out, t, c, N=n, NP=_pow2(n), BT=bt, BC=bc, num_warps=warps)
     return out
 
 
@@ -532,13 +591,13 @@ def _post_res_backward(ctx, dout):
     d = _contig(dout.reshape(t, n, c))
     dx = torch.empty_like(x3)
     dy = torch.empty(t, c, device=x3.device, dtype=y_dtype)
-    bt, bc = 2, 512
+    bt, bc, warps = merge_tile(c)
     cb = _cdiv(c, bc)
     dhp_part = torch.empty(t, cb, n, device=x3.device, dtype=torch.float32)
     dhr_part = torch.empty(t, cb, n, n, device=x3.device, dtype=torch.float32)
     K.post_res_bwd_kernel[(_cdiv(t, bt), cb)](
         x3, y2, hp, hr, d, dx, dy, dhp_part, dhr_part, t, c, cb, N=n, NP=_pow2(n), BT=bt,
-        BC=bc, num_warps=4)
+        BC=bc, num_warps=warps)
     return dx, dy, dhp_part, dhr_part
 
 

@@ -445,6 +445,48 @@ def test_cross_sublayer_fusion_equals_the_unfused_path():
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
 
 
+def test_entry_backward_in_one_launch_equals_the_two_launch_path():
+    """The entry backward's dH_pre pass inside the mapping backward's launch
+    (``pre_mappings_bwd_kernel``) gives what the separate dH_pre pass + ``mappings_bwd_kernel``
+    give, to float32 rounding (dH_pre is summed over C in other blocks), with C-block partials of
+    dH_post / dH_res as the linked merge leaves them."""
+    from megatron_mhc.kernels import triton_kernels as K
+    from megatron_mhc.kernels import triton_ops as O
+
+    n, c, t, m, cb = 4, 300, 19, 24, 3
+    x = _randn(t, n, c, seed=31)
+    phi, alpha = _randn(n * c, m, seed=32, scale=0.2), torch.full((3,), 0.7, device=DEVICE)
+    bias = _randn(m, seed=33)
+    saved, h_pre, _, _, _ = O._mappings_forward(x, phi, alpha, bias, True, 20, 1e-6,
+                                                with_pre=True)
+    d_agg = _randn(t, c, seed=34)
+    dh_post, dh_res = _randn(t, cb, n, seed=35), _randn(t, cb, n, n, seed=36)
+    dx_add = _randn(t, n * c, seed=37)
+    dtypes = (phi.dtype, alpha.dtype, bias.dtype)
+    one = O._mappings_backward(saved, n, True, 20, dtypes, None, dh_post, dh_res, cb=cb,
+                               d_agg=d_agg, h_pre=h_pre, dx_add=dx_add)
+    dh_pre = torch.empty(t, n, device=DEVICE)
+    K.pre_apply_bwd_kernel[(t,)](saved[0], h_pre, d_agg, saved[0], dh_pre, t, c, N=n, NP=4,
+                                 BT=1, BC=64, WRITE_DX=False)
+    two = O._mappings_backward(saved, n, True, 20, dtypes, dh_pre, dh_post, dh_res, cb=cb,
+                               d_agg=d_agg, h_pre=h_pre, dx_add=dx_add)
+    for name, a, b in zip(("dx", "dphi", "dalpha", "dbias"), one, two):
+        assert _rel_err(a, b) < 1e-6, name
+
+
+def test_launch_shape_rules():
+    """The merge tile divides C where a power of two of 128..512 does (no masked lanes), with
+    one warp per 128 channels; the projection pass takes its small launch only for small grids."""
+    from megatron_mhc.kernels import triton_ops as O
+
+    for c, bc in ((768, 256), (1024, 512), (4096, 512), (7168, 512), (640, 128), (1000, 128)):
+        assert O.merge_tile(c) == (2, bc, bc // 128), c
+    assert O.projection_plan(4096, 4 * 768) == (64, 64, 512, 4, 3)
+    assert O.projection_plan(8192, 4 * 4096) == (64, 128, 2048, 8, 3)
+    splits, rows = O.dx_pass_splits(8192, 4 * 4096)
+    assert rows % 128 == 0 and splits * rows >= 8192 > (splits - 1) * rows
+
+
 def test_projection_for_another_phi_is_refused():
     ops = _fusing_ops()
     n, c, t, m = 4, 16, 5, 24
