@@ -6,9 +6,9 @@ For each kernel (merge forward / backward, dH_pre pass, mapping forward with the
 projection pass, the dH_pre pass + mapping backward, the dx/dphi pass) and each candidate launch
 (tile, warps, splits), prints the median time (L2 flushed before every run) and the % of the
 kernel's byte floor (bytes / copy bandwidth). The launch the ops make today (the launch helpers
-of ``kernels/triton_ops.py``: ``merge_tile``, ``projection_plan``, ``pre_mappings_tile``,
-``dx_pass_splits``) is marked "(launched)", so a shape rule can be checked against its
-alternatives.
+and constants of ``kernels/triton_ops.py``: ``merge_tile``, ``projection_plan``,
+``PRE_MAPPINGS_BWD_TILE``, ``dx_pass_splits``) is marked "(launched)", so a shape rule can be
+checked against its alternatives.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
     proj, rinv = torch.empty(t, m, device=dev), torch.empty(t, device=dev)
     h_pre, h_post = torch.empty(t, n, device=dev), torch.empty(t, n, device=dev)
     h_res, agg = torch.empty(t, n, n, device=dev), torch.empty(t, c, device=dev, dtype=dt)
-    fwd_bc = O.mappings_pre_block(c)
+    fwd_bc = O.MAPPINGS_PRE_BLOCK
     fwd_tiles = sorted({(2, 1, 512), (2, 1, 256), (2, 2, 256), (4, 2, 256), (1, 1, 256),
                         (*O.MAPPINGS_FWD_TILE, fwd_bc)})
     for bt, w, bc in fwd_tiles if "mappings_fwd" in only else ():
@@ -149,7 +149,7 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
         row("dH_pre pass + mapping bwd, two launches", t, c,
             f"BT {pbt}, BC {pbc}, {pw} warps + BT {mbt}, {mw} warps", time_us(two_launches),
             pre_floor, False)
-    launched = O.pre_mappings_tile(c)
+    launched = O.PRE_MAPPINGS_BWD_TILE
     fused_tiles = sorted({(2, pbc, pw), (2, 128, 1), (2, 256, 1), (4, 128, 1), (4, 256, 1),
                           (8, 64, 1), (8, 128, 1), (8, 256, 1), (16, 64, 1), (16, 128, 1),
                           launched})

@@ -246,8 +246,8 @@ def pre_mappings_bwd_kernel(
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     row_ok = rows < T
-    dh_pre = _pre_apply_dh(x_ptr, d_agg_ptr, rinv_ptr, x_ptr, rows, row_ok, C, N, NP, BT, BC,
-                           False)  # no dx here: h and dx are unused placeholders
+    # No dx here (WRITE_DX False): the h and dx arguments are unused placeholders.
+    dh_pre = _pre_apply_dh(x_ptr, d_agg_ptr, 0.0, x_ptr, rows, row_ok, C, N, NP, BT, BC, False)
     _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
                        dh_post_ptr, dh_res_ptr, dproj_ptr, coef_ptr, dalpha_part_ptr,
                        dbias_part_ptr, lse_scratch_ptr, K, CB, N, NP, M, VARIANT_MHC, ITERS, BT)

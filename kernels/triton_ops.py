@@ -134,9 +134,9 @@ MAPPINGS_FWD_TILE = (2, 1)
 MAPPINGS_BWD_TILE = (8, 1)
 
 
-def mappings_pre_block(c: int) -> int:
-    """Channels per step of the pre-apply inside the mapping forward kernel."""
-    return 512
+#: Channels per step of the pre-apply inside the mapping forward kernel (256 measured the same at
+#: C = 768 and 4096; benchmarks/probe_launch_shapes.py).
+MAPPINGS_PRE_BLOCK = 512
 
 
 def merge_tile(c: int):
@@ -151,15 +151,14 @@ def merge_tile(c: int):
     return 2, bc, bc // 128
 
 
-def pre_mappings_tile(c: int):
-    """(tokens, channels, warps) of one program of the entry backward's dH_pre pass + mapping
-    backward (``pre_mappings_bwd_kernel``): 2 tokens in 128-channel steps on one warp. The
-    per-token Sinkhorn work after the pass is latency-bound and wants one warp, as the mapping
-    kernels do (H100, L2 flushed, benchmarks/probe_launch_shapes.py: 31.2 / 54.1 / 142.0 /
-    227.0 us at T x C = 4096 x 768 / 4096 x 2048 / 8192 x 4096 / 8192 x 7168, against 36.6 /
-    60.3 / 144.4 / 228.4 for the dH_pre pass and the mapping backward as two launches; the dH_pre
-    pass's own tile, 2 x 256-512 on 2-4 warps, took 66.5 / 116.8 / 238.6 / 307.5)."""
-    return 2, 128, 1
+#: (tokens, channels, warps) of one program of the entry backward's dH_pre pass + mapping backward
+#: (``pre_mappings_bwd_kernel``): 2 tokens in 128-channel steps on one warp. The per-token
+#: Sinkhorn work after the pass is latency-bound and wants one warp, as the mapping kernels do
+#: (H100, L2 flushed, benchmarks/probe_launch_shapes.py: 31.2 / 54.1 / 142.0 / 227.0 us at T x C =
+#: 4096 x 768 / 4096 x 2048 / 8192 x 4096 / 8192 x 7168, against 36.6 / 60.3 / 144.4 / 228.4 for
+#: the dH_pre pass and the mapping backward as two launches; on the dH_pre pass's own tile, 2 x
+#: 256-512 on 2-4 warps, the one launch took 66.5 / 116.8 / 238.6 / 307.5).
+PRE_MAPPINGS_BWD_TILE = (2, 128, 1)
 
 
 def dx_pass_splits(t: int, kdim: int):
@@ -200,7 +199,7 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
         proj_part, ss_part, alpha_f, bias_f, proj, rinv, h_pre, h_post, h_res,
         x2, agg if with_pre else proj, t, kdim, c, eps,
         SPLIT=split, N=n, NP=_pow2(n), M=m, BM=_pow2(m, 16), VARIANT_MHC=variant_mhc,
-        ITERS=iters, BT=bt2, WITH_PRE=with_pre, BC=mappings_pre_block(c), num_warps=warps,
+        ITERS=iters, BT=bt2, WITH_PRE=with_pre, BC=MAPPINGS_PRE_BLOCK, num_warps=warps,
     )
     return (x2, phi_c, alpha_f, bias_f, proj, rinv), h_pre, h_post, h_res, agg
 
@@ -275,26 +274,20 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     scratch = torch.empty(t, 2 * iters * np_ if variant_mhc else 1, device=dev,
                           dtype=torch.float32)
     if dh_pre is None:  # the dH_pre pass and the mapping backward in one launch
-        bt, bc, warps = pre_mappings_tile(c)
-        blocks = _cdiv(t, bt)
-        dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
-        dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
-        K.pre_mappings_bwd_kernel[(blocks,)](
-            x2, d_agg, proj, rinv, alpha_f, bias_f, dh_post, dh_res,
-            dproj, coef, dalpha_part, dbias_part, scratch, t, kdim, c, cb,
-            N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, BC=bc,
-            num_warps=warps,
-        )
+        bt, bc, warps = PRE_MAPPINGS_BWD_TILE
     else:
         bt, warps = MAPPINGS_BWD_TILE
-        blocks = _cdiv(t, bt)
-        dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
-        dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
-        K.mappings_bwd_kernel[(blocks,)](
-            proj, rinv, alpha_f, bias_f, dh_pre, dh_post, dh_res,
-            dproj, coef, dalpha_part, dbias_part, scratch, t, kdim, cb,
-            N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=warps,
-        )
+    blocks = _cdiv(t, bt)
+    dalpha_part = torch.empty(blocks, 3, device=dev, dtype=torch.float32)
+    dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
+    outs = (dh_post, dh_res, dproj, coef, dalpha_part, dbias_part, scratch)
+    meta = dict(N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=warps)
+    if dh_pre is None:
+        K.pre_mappings_bwd_kernel[(blocks,)](x2, d_agg, proj, rinv, alpha_f, bias_f, *outs,
+                                             t, kdim, c, cb, BC=bc, **meta)
+    else:
+        K.mappings_bwd_kernel[(blocks,)](proj, rinv, alpha_f, bias_f, dh_pre, *outs, t, kdim, cb,
+                                         **meta)
     dx = torch.empty_like(x2) if dx_out is None else dx_out
     splits, rows_per_split = dx_pass_splits(t, kdim)
     dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
