@@ -18,7 +18,7 @@ import functools
 
 import torch
 import triton
-from _probe import copy_bandwidth, time_us
+from _probe import copy_bandwidth, require_gpu, time_us
 
 from megatron_mhc.kernels import triton_kernels as K
 from megatron_mhc.kernels import triton_ops as O
@@ -166,12 +166,11 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
             (bt, bc, w) == launched)
     # dx/dphi pass (WITH_PRE, ADD_DX): read x, dx_add, d_agg, write dx.
     dproj, coef = torch.randn(t, m, device=dev), torch.randn(t, device=dev)
-    g = cdiv(t, O.MAPPINGS_BWD_TILE[0])
+    g = cdiv(t, O.PRE_MAPPINGS_BWD_TILE[0])  # the entry's alpha / bias partial rows
     dalpha_part, dbias_part = torch.randn(g, 3, device=dev), torch.randn(g, m, device=dev)
-    launched_splits = O.dx_pass_splits(t, kdim)[0]
-    for splits in sorted({4, 8, 16, 32, launched_splits}) if "dx" in only else ():
-        rows = cdiv(cdiv(t, splits), 128) * 128
-        splits = cdiv(t, rows)
+    launched_splits = O.dx_pass_splits(t)[0]
+    for asked in sorted({4, 8, 16, 32, launched_splits}) if "dx" in only else ():
+        splits, rows = O.dx_pass_splits(t, asked)
         dphi_part = torch.empty(splits, kdim, m, device=dev)
         dalpha_split, dbias_split = torch.empty(splits, 3, device=dev), torch.empty(splits, m, device=dev)
         for cfg in K.norm_proj_bwd_kernel.configs:
@@ -184,7 +183,7 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
             row("norm_proj_bwd (dx/dphi)", t, c,
                 f"BK {bk}, BT {bt}, {cfg.num_warps} warps, {cfg.num_stages} stages, "
                 f"{splits} splits", us,
-                floor(t * ((3 * kdim + c) * 2 + splits * 0)), splits == launched_splits)
+                floor(t * (3 * kdim + c) * 2), splits == launched_splits)
 
 
 def main():
@@ -195,7 +194,8 @@ def main():
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="kernels to probe (default: all)")
     args = parser.parse_args()
-    bw = copy_bandwidth("probe_launch_shapes.py")
+    require_gpu("probe_launch_shapes.py")
+    bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | n={args.n} | "
           "bf16, L2 flushed before every run")
     print("| kernel | T | C | launch | us | % of byte floor |")

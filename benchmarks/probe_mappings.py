@@ -16,7 +16,7 @@ import functools
 
 import torch
 import triton
-from _probe import copy_bandwidth, time_us
+from _probe import copy_bandwidth, require_gpu, time_us
 
 from megatron_mhc.kernels import triton_kernels as K
 from megatron_mhc.kernels import triton_ops
@@ -40,7 +40,8 @@ def main():
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
-    bw = copy_bandwidth("probe_mappings.py")
+    require_gpu("probe_mappings.py")
+    bw = copy_bandwidth()
     n, iters = args.n, args.iters
     m, np_ = n * n + 2 * n, triton.next_power_of_2(n)
     dev = "cuda"

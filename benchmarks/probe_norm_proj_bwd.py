@@ -10,8 +10,10 @@ import argparse
 
 import torch
 import triton
+from _probe import copy_bandwidth, require_gpu
 
 from megatron_mhc.kernels import triton_kernels as K
+from megatron_mhc.kernels.triton_ops import PRE_MAPPINGS_BWD_TILE, dx_pass_splits
 
 
 def cdiv(a: int, b: int) -> int:
@@ -24,11 +26,8 @@ def main():
     parser.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168])
     parser.add_argument("--n", type=int, default=4)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("probe_norm_proj_bwd.py needs a CUDA GPU")
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (triton.testing.do_bench(lambda: dst.copy_(src)) * 1e-3)
+    require_gpu("probe_norm_proj_bwd.py")
+    bw = copy_bandwidth()
     kernel = K.norm_proj_bwd_kernel.fn  # the jitted kernel under the autotuner
     configs = K.norm_proj_bwd_kernel.configs
     n, t = args.n, args.tokens
@@ -45,11 +44,11 @@ def main():
         hp = torch.rand(t, n, device="cuda")
         dagg = torch.randn(t, c, device="cuda", dtype=torch.bfloat16)
         dx = torch.empty_like(x)
-        blocks = cdiv(t, 8)  # the mapping backward's alpha / bias partial rows
+        blocks = cdiv(t, PRE_MAPPINGS_BWD_TILE[0])  # the entry's alpha / bias partial rows
         dalpha_part, dbias_part = torch.randn(blocks, 3, device="cuda"), torch.randn(blocks, m, device="cuda")
         floor = t * (2 * kdim + c) * 2 / bw * 1e6
         for splits in (4, 8, 16):
-            rows = cdiv(cdiv(t, splits), 128) * 128
+            splits, rows = dx_pass_splits(t, splits)
             part = torch.empty(splits, kdim, m, device="cuda")
             dalpha_split = torch.empty(splits, 3, device="cuda")
             dbias_split = torch.empty(splits, m, device="cuda")

@@ -14,17 +14,14 @@ import functools
 
 import torch
 import triton
-from bench_kernels import copy_bandwidth
+from _probe import copy_bandwidth, require_gpu, time_us
 
 from megatron_mhc.kernels import triton_kernels as K
+from megatron_mhc.kernels.triton_ops import dx_pass_splits
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def time_us(fn) -> float:
-    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def launch(grid, tensors, k, splits, m, bk):
@@ -38,8 +35,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["4096x768", "8192x4096", "8192x7168"])
     parser.add_argument("--n", type=int, default=4)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("probe_param_grads.py needs a CUDA GPU")
+    require_gpu("probe_param_grads.py")
     bw, n = copy_bandwidth(), args.n
     m = n * n + 2 * n
     print(f"{torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | n={n}")
@@ -48,8 +44,7 @@ def main():
     for shape in args.shapes:
         t, c = (int(v) for v in shape.split("x"))
         kdim = n * c
-        splits = max(1, min(8, cdiv(t, 512)))
-        splits = cdiv(t, cdiv(cdiv(t, splits), 128) * 128)
+        splits = dx_pass_splits(t)[0]
         dphi_part = torch.randn(splits, kdim, m, device="cuda")
         dalpha_part = torch.randn(splits, 3, device="cuda")
         dbias_part = torch.randn(splits, m, device="cuda")

@@ -161,10 +161,12 @@ def merge_tile(c: int):
 PRE_MAPPINGS_BWD_TILE = (2, 128, 1)
 
 
-def dx_pass_splits(t: int, kdim: int):
-    """(T-splits, rows per split) of the dx/dphi pass: whole 128-row chunks (every autotuned BT
-    divides 128), for parallelism."""
-    splits = max(1, min(8, _cdiv(t, 512)))
+def dx_pass_splits(t: int, splits: int | None = None):
+    """(T-splits, rows per split) of the dx/dphi pass over ``t`` tokens: about ``splits`` splits
+    (default: one per 512 tokens, at most 8, for parallelism) of whole 128-row chunks (every
+    autotuned BT divides 128)."""
+    if splits is None:
+        splits = max(1, min(8, _cdiv(t, 512)))
     rows_per_split = _cdiv(_cdiv(t, splits), 128) * 128
     return _cdiv(t, rows_per_split), rows_per_split
 
@@ -289,7 +291,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
         K.mappings_bwd_kernel[(blocks,)](proj, rinv, alpha_f, bias_f, dh_pre, *outs, t, kdim, cb,
                                          **meta)
     dx = torch.empty_like(x2) if dx_out is None else dx_out
-    splits, rows_per_split = dx_pass_splits(t, kdim)
+    splits, rows_per_split = dx_pass_splits(t)
     dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
     dalpha_split = torch.empty(splits, 3, device=dev, dtype=torch.float32)
     dbias_split = torch.empty(splits, m, device=dev, dtype=torch.float32)

@@ -483,7 +483,7 @@ def test_launch_shape_rules():
         assert O.merge_tile(c) == (2, bc, bc // 128), c
     assert O.projection_plan(4096, 4 * 768) == (64, 64, 512, 4, 3)
     assert O.projection_plan(8192, 4 * 4096) == (64, 128, 2048, 8, 3)
-    splits, rows = O.dx_pass_splits(8192, 4 * 4096)
+    splits, rows = O.dx_pass_splits(8192)
     assert rows % 128 == 0 and splits * rows >= 8192 > (splits - 1) * rows
 
 
