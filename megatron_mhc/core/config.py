@@ -154,23 +154,33 @@ def _finite(value) -> bool:
 CUDA_GRAPH_IMPLS = ("none", "local", "full_iteration")
 
 
-def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig) -> list:
-    """Why ``--cuda-graph-impl`` cannot be used with this mHC configuration (empty: it can).
+def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
+                        cuda_graph_modules=None) -> list:
+    """Why ``--cuda-graph-impl`` (and ``--cuda-graph-modules``) cannot be used with this mHC
+    configuration (empty: they can).
 
     ``local`` (per-layer graphs of Megatron's ``CudaGraphManager``) and ``full_iteration`` capture
     the layer's own ``forward``, so the mHC ops are inside the graph; ``transformer_engine``
-    captures ``_forward_attention`` / ``_forward_mlp`` directly and would skip the mHC merge. The
-    mHC recompute registry and the high-priority merge stream are host-side logic a graph replay
-    does not run, so they are refused with graphs.
+    captures ``_forward_attention`` / ``_forward_mlp`` directly and would skip the mHC merge.
+    ``--cuda-graph-modules`` scopes (attention only, MoE router, ...) were not run with mHC: only
+    whole-layer graphs were. The mHC recompute registry and the high-priority merge stream are
+    host-side logic a graph replay does not run, so they are refused with graphs.
     """
     impl = cuda_graph_impl or "none"
-    if impl == "none" or mhc_config.is_residual and impl in CUDA_GRAPH_IMPLS:
+    if impl == "none":
         return []
     if impl not in CUDA_GRAPH_IMPLS:
         return [f"--cuda-graph-impl {impl} is not supported with mHC (its per-layer capture "
                 "calls the attention and MLP sublayers directly, skipping the mHC mappings); "
                 "allowed: " + ", ".join(CUDA_GRAPH_IMPLS)]
     problems = []
+    modules = [str(getattr(m, "value", m)) for m in (cuda_graph_modules or [])]
+    if impl == "local" and modules:
+        problems.append(f"--cuda-graph-modules {' '.join(modules)} with --cuda-graph-impl local "
+                        "is not supported with mHC: only whole-layer graphs (no "
+                        "--cuda-graph-modules) were run with mHC")
+    if mhc_config.is_residual:
+        return problems
     if mhc_config.recompute_block is not None:
         problems.append(f"--mhc-recompute-block with --cuda-graph-impl {impl}: the mHC recompute "
                         "runs on the host and a graph replay skips it; drop --mhc-recompute-block")

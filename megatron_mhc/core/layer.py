@@ -38,7 +38,8 @@ from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 
 from megatron_mhc.core.backends import get_backend_ops, resolve_backend
-from megatron_mhc.core.config import MHCConfig, cuda_graph_problems
+from megatron_mhc.core.compat import refused_feature_problems
+from megatron_mhc.core.config import MHCConfig
 from megatron_mhc.core.hyper_connection import HyperConnection
 from megatron_mhc.core.overlap import run_on_high_priority_stream
 from megatron_mhc.core.pipeline import PIPELINE_STREAMS_ATTR, schedules_are_hooked
@@ -68,11 +69,7 @@ def get_bias_dropout(training: bool, fused: bool):
 
 def check_transformer_config(config: TransformerConfig, mhc_config: MHCConfig) -> None:
     """Refuse Megatron features the mHC layer does not support, naming the flag to change."""
-    problems = list(cuda_graph_problems(getattr(config, "cuda_graph_impl", "none"), mhc_config))
-    if getattr(config, "inference_fuse_tp_communication", False):
-        problems.append("--inference-fuse-tp-communication is not supported with mHC")
-    if getattr(config, "mtp_num_layers", None):
-        problems.append("--mtp-num-layers is not supported with mHC")
+    problems = refused_feature_problems(config, mhc_config)
     if (
         not mhc_config.is_residual
         and getattr(config, "pipeline_model_parallel_size", 1) > 1
@@ -136,6 +133,9 @@ class MHCLayerMixin:
 
     def __init__(self, *args, mhc_config: Optional[MHCConfig] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        #: How many of this layer's forward() calls are running (the sublayer methods refuse
+        #: callers outside them).
+        self._mhc_forward_depth = 0
         self.mhc_config = mhc_config if mhc_config is not None else MHCConfig()
         check_transformer_config(self.config, self.mhc_config)
         self.mhc_backend = resolve_backend(self.mhc_config.kernel_backend)
@@ -192,8 +192,42 @@ class MHCLayerMixin:
             return kwargs.pop("hidden_states"), args, kwargs
         return args[0], args[1:], kwargs
 
+    def _forward_attention(self, *args: Any, **kwargs: Any):
+        """Megatron's attention sublayer on the mHC aggregate; only from this layer's forward()."""
+        self._refuse_outside_forward("_forward_attention")
+        return super()._forward_attention(*args, **kwargs)
+
+    def _forward_mlp(self, *args: Any, **kwargs: Any):
+        """Megatron's MLP / MoE sublayer on the mHC aggregate; only from this layer's forward()."""
+        self._refuse_outside_forward("_forward_mlp")
+        return super()._forward_mlp(*args, **kwargs)
+
+    def _refuse_outside_forward(self, method: str) -> None:
+        # Callers that run the sublayer methods themselves (the EP-overlap schedule's callables,
+        # TE's per-layer graph capture) would skip the streams and merges: a model without mHC
+        # and without a residual. They are refused by flag (core.compat); this catches the rest.
+        if not self._mhc_forward_depth:
+            raise RuntimeError(
+                f"mHC layer {self.layer_number}: TransformerLayer.{method} was called from outside "
+                "the layer's forward(), which does the mHC stream work; this caller (e.g. "
+                "--overlap-moe-expert-parallel-comm's schedule or --cuda-graph-impl "
+                "transformer_engine) would train a model without mHC. Call the layer itself.")
+
     def forward(self, *args: Any, **kwargs: Any):
         """Forward of one layer: ``[s, b, C or n*C] -> ([s, b, n*C or C], context)``."""
+        context = kwargs.get("inference_context", None)
+        if context is not None and not context.is_static_batching():
+            raise NotImplementedError(
+                f"mHC layer {self.layer_number}: Megatron's dynamic inference engine "
+                f"({type(context).__name__}) is not supported with mHC; use the static engine "
+                "(StaticInferenceContext, megatron_mhc.training.generate)")
+        self._mhc_forward_depth += 1
+        try:
+            return self._forward_streams(*args, **kwargs)
+        finally:
+            self._mhc_forward_depth -= 1
+
+    def _forward_streams(self, *args: Any, **kwargs: Any):
         hidden_states, args, kwargs = self._split_hidden_states(args, kwargs)
         mlp_kwargs = dict(
             inference_context=kwargs.get("inference_context", None),

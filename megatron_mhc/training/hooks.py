@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Optional
 
+from megatron_mhc.core.compat import refused_feature_problems
 from megatron_mhc.core.config import (
     FLAG_NAMES,
     INIT_METHODS,
@@ -30,7 +31,6 @@ from megatron_mhc.core.config import (
     RECOMPUTE_REBUILDS,
     VARIANTS,
     MHCConfig,
-    cuda_graph_problems,
 )
 from megatron_mhc.core.pipeline import (  # noqa: F401 - pipeline_hidden_size is a hook
     PIPELINE_STREAMS_ATTR,
@@ -149,11 +149,7 @@ def validate_mhc_args(args: Any) -> None:
                              "to train with mHC, or drop these flags")
         return
     mhc_config = mhc_config_from_args(args)  # raises a ValueError naming the flag
-    problems = cuda_graph_problems(getattr(args, "cuda_graph_impl", "none"), mhc_config)
-    if getattr(args, "mtp_num_layers", None):
-        problems.append("--mtp-num-layers is not supported with --enable-mhc")
-    if getattr(args, "inference_fuse_tp_communication", False):
-        problems.append("--inference-fuse-tp-communication is not supported with --enable-mhc")
+    problems = refused_feature_problems(args, mhc_config)
     pattern = getattr(args, "hybrid_layer_pattern", None)
     uncovered = sorted(set(pattern or "") & set(HYBRID_UNCOVERED_SYMBOLS))
     if uncovered:

@@ -1,0 +1,274 @@
+"""Every way Megatron-Core 0.19 reaches a layer: runs mHC (tested against plain ``forward()``) or
+is refused by name.
+
+Runs mHC: Megatron's full activation recompute (uniform and block), selective recompute of each
+module that lives inside a sublayer, ``--mlp-chunks-for-training`` — each gives the loss and every
+gradient of the same model without the feature. Refused: each feature of
+``megatron_mhc.core.compat.REFUSED_FEATURES`` at argument validation (through Megatron's own
+argument parser, so a renamed flag fails here) and at layer construction; Megatron's own
+expert-parallel overlap callables and TE graph capture on an mHC layer stop with an error instead
+of running the sublayers without mHC; the dynamic inference engine stops at the layer.
+"""
+
+import argparse
+import contextlib
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_mhc import MHCConfig
+from megatron_mhc.core.compat import REFUSED_FEATURES
+from megatron_mhc.training import hooks
+from megatron_mhc.training.small_gpt import (
+    TinyGPTSettings,
+    build_tiny_gpt,
+    causal_lm_inputs,
+    lm_loss,
+)
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _tokens(seed: int, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, 256, (2, seq + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def _loss_and_grads(settings: TinyGPTSettings, mhc_config: MHCConfig, state=None):
+    torch.manual_seed(11)
+    model = build_tiny_gpt(settings, mhc_config)
+    if state is not None:
+        model.load_state_dict(state)
+    loss = lm_loss(model, _tokens(5, settings.seq_length))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return model, loss.detach(), grads
+
+
+def _assert_same_training_step(extra_config: dict, mhc_config: MHCConfig, num_moe_experts=None,
+                               common_config=None):
+    """The model with ``extra_config`` gives the loss and gradients of the same weights without
+    it (both with ``common_config``); every mHC parameter gets a gradient."""
+    common_config = dict(common_config or {})
+    base = TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16,
+                           num_moe_experts=num_moe_experts, extra_config=common_config)
+    model, loss0, grads0 = _loss_and_grads(base, mhc_config)
+    variant = TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16,
+                              num_moe_experts=num_moe_experts,
+                              extra_config=common_config | extra_config)
+    _, loss1, grads1 = _loss_and_grads(variant, mhc_config, model.state_dict())
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    mhc_params = [n for n, _ in model.named_parameters() if "_hc." in n]
+    assert mhc_params and set(mhc_params) <= grads0.keys()
+    assert grads1.keys() == grads0.keys()
+    for name, grad in grads0.items():
+        # Recomputation replays the same float32 CPU ops: equal to the last bit in practice;
+        # 1e-7 leaves room for a different summation order in a replayed reduction.
+        torch.testing.assert_close(grads1[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------ callers that run mHC
+MHC_TORCH = MHCConfig(expansion_rate=4, kernel_backend="torch")
+
+
+@pytest.fixture
+def cpu_recompute(megatron_cpu, monkeypatch):
+    """Megatron's activation checkpoint saves and restores the CUDA RNG state: without a GPU
+    there is none (the CPU generator, which the dropout-free tiny model never draws from, is
+    still saved and restored). Undone after the test."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(tp_random, "_get_cuda_rng_state", lambda *a, **k: None)
+        monkeypatch.setattr(tp_random, "_set_cuda_rng_state", lambda *a, **k: None)
+    if not tp_random.HAVE_TE:
+        # Megatron 0.19's CheckpointWithoutOutput (the layernorm recompute) always takes its
+        # FP8 branch (``fp8 is not None`` with the default fp8=False), whose names come from
+        # Transformer-Engine: stand in for them with FP8 off.
+        monkeypatch.setattr(tp_random, "FP8GlobalStateManager", SimpleNamespace(
+            is_fp8_enabled=lambda: False, get_fp8_recipe=lambda: None), raising=False)
+        for name in ("activation_recompute_forward", "fp8_autocast"):
+            monkeypatch.setattr(tp_random, name, lambda **kwargs: contextlib.nullcontext(),
+                                raising=False)
+
+
+@pytest.mark.parametrize("method, num_layers", [("uniform", 1), ("uniform", 2), ("block", 2)])
+def test_full_activation_recompute_runs_mhc(cpu_recompute, method, num_layers):
+    _assert_same_training_step(
+        dict(recompute_granularity="full", recompute_method=method,
+             recompute_num_layers=num_layers), MHC_TORCH)
+
+
+def test_full_activation_recompute_with_mhc_recompute_blocks(cpu_recompute):
+    _assert_same_training_step(
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        MHCConfig(expansion_rate=4, kernel_backend="torch", recompute_block=2))
+
+
+@pytest.mark.parametrize("modules", [["core_attn"], ["mlp"], ["layernorm"], ["core_attn", "mlp"]])
+def test_selective_recompute_runs_mhc(cpu_recompute, modules):
+    _assert_same_training_step(dict(recompute_granularity="selective", recompute_modules=modules),
+                               MHC_TORCH)
+
+
+@pytest.mark.parametrize("modules", [["moe"], ["layernorm"], ["shared_experts"]])
+def test_selective_recompute_of_moe_runs_mhc(cpu_recompute, modules):
+    _assert_same_training_step(dict(recompute_granularity="selective", recompute_modules=modules),
+                               MHC_TORCH, num_moe_experts=4,
+                               common_config=dict(moe_shared_expert_intermediate_size=32))
+
+
+def test_mlp_chunks_for_training_runs_mhc(megatron_cpu):
+    _assert_same_training_step(dict(mlp_chunks_for_training=2), MHC_TORCH)
+
+
+# --------------------------------------------------------------------- refused by flag
+#: argv that switches each refused feature on in Megatron's own parser.
+FEATURE_ARGV = {
+    "--overlap-moe-expert-parallel-comm": ["--overlap-moe-expert-parallel-comm"],
+    "--delay-wgrad-compute": ["--delay-wgrad-compute"],
+    "--ep-overlap-early-attn-memory-release": ["--ep-overlap-early-attn-memory-release"],
+    "--mtp-num-layers": ["--mtp-num-layers", "1"],
+    "--inference-fuse-tp-communication": ["--inference-fuse-tp-communication"],
+    "--fine-grained-activation-offloading": ["--fine-grained-activation-offloading"],
+    "--cpu-offloading-num-layers": ["--cpu-offloading-num-layers", "1"],
+    "--fp32-residual-connection": ["--fp32-residual-connection"],
+    "--use-megatron-fsdp": ["--use-megatron-fsdp"],
+    "--use-torch-fsdp2": ["--use-torch-fsdp2"],
+}
+#: Refused graph settings (not in REFUSED_FEATURES: cuda_graph_problems words them).
+GRAPH_ARGV = {
+    "--cuda-graph-impl transformer_engine": ["--cuda-graph-impl", "transformer_engine"],
+    "--cuda-graph-modules": ["--cuda-graph-impl", "local", "--cuda-graph-modules", "attn"],
+}
+
+
+def _megatron_args(argv):
+    """Megatron-LM's own parser with the mHC flags, as the patched ``arguments.py`` builds it."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = hooks.add_mhc_args(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    return parser.parse_args(argv)
+
+
+def test_every_refused_feature_has_a_command_line_case():
+    assert sorted(FEATURE_ARGV) == sorted(f.flag for f in REFUSED_FEATURES)
+
+
+@pytest.mark.parametrize("flag", sorted(FEATURE_ARGV) + sorted(GRAPH_ARGV))
+@pytest.mark.parametrize("variant", ["mhc", "residual"])
+def test_refused_feature_stops_at_argument_validation(flag, variant):
+    argv = FEATURE_ARGV.get(flag) or GRAPH_ARGV[flag]
+    args = _megatron_args(["--enable-mhc", "--mhc-variant", variant] + argv)
+    before = dict(vars(args))
+    with pytest.raises(ValueError, match=re.escape(flag.split()[0])):
+        hooks.validate_mhc_args(args)
+    assert vars(args) == before
+    hooks.validate_mhc_args(_megatron_args(argv if variant == "mhc" else []))  # without mHC: ok
+    hooks.validate_mhc_args(_megatron_args(["--enable-mhc", "--mhc-variant", variant]))
+
+
+#: TransformerConfig fields that switch each refused feature on (the FSDP flags live in DDP's
+#: config and args only: refused at validation above).
+CONFIG_FIELDS = {
+    "--overlap-moe-expert-parallel-comm": dict(overlap_moe_expert_parallel_comm=True),
+    "--delay-wgrad-compute": dict(delay_wgrad_compute=True),
+    "--ep-overlap-early-attn-memory-release": dict(ep_overlap_early_attn_memory_release=True),
+    "--mtp-num-layers": dict(mtp_num_layers=1),
+    "--inference-fuse-tp-communication": dict(inference_fuse_tp_communication=True),
+    "--fine-grained-activation-offloading": dict(fine_grained_activation_offloading=True),
+    "--cpu-offloading-num-layers": dict(cpu_offloading=True),
+    "--fp32-residual-connection": dict(fp32_residual_connection=True),
+    "--cuda-graph-impl transformer_engine": dict(cuda_graph_impl="transformer_engine"),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(CONFIG_FIELDS))
+def test_refused_feature_stops_at_layer_construction(megatron_cpu, flag):
+    from megatron_mhc.core.layer import MHCTransformerLayer
+    from megatron_mhc.core.specs import get_gpt_layer_with_mhc_spec
+    from megatron_mhc.training.small_gpt import tiny_transformer_config
+
+    config = tiny_transformer_config(TinyGPTSettings(num_layers=2, hidden_size=32))
+    for name, value in CONFIG_FIELDS[flag].items():  # set after __post_init__'s own checks
+        setattr(config, name, value)
+    spec = get_gpt_layer_with_mhc_spec(MHC_TORCH, normalization="RMSNorm")
+    with pytest.raises(ValueError, match=re.escape(flag.split()[0])):
+        MHCTransformerLayer(config, spec.submodules, layer_number=1, mhc_config=MHC_TORCH)
+
+
+# ------------------------------------------- direct callers of the sublayer methods stop
+def _moe_model():
+    settings = TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16, num_moe_experts=4)
+    return build_tiny_gpt(settings, MHC_TORCH)
+
+
+def _schedule_node(model, tokens):
+    _, _, _, mask = causal_lm_inputs(tokens)
+    chunk = SimpleNamespace(attention_mask=mask, rotary_pos_emb=None, rotary_pos_cos=None,
+                            rotary_pos_sin=None, packed_seq_params=None, sequence_len_offset=None,
+                            model=model)
+    return SimpleNamespace(chunk_state=chunk, layer_state=SimpleNamespace(), is_mtp=False,
+                           is_last_layer=False,
+                           detach=lambda t: t.detach().requires_grad_(t.requires_grad))
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_expert_parallel_overlap_callables_stop_on_an_mhc_layer(megatron_cpu, moe):
+    """Megatron-Core's own EP-overlap layer callables (what ``combined_1f1b`` runs) call
+    ``_forward_attention`` / ``_forward_mlp`` themselves: on an mHC layer they stop instead of
+    computing ``F(norm(x))`` with no streams and no residual."""
+    from megatron.core.models.gpt.fine_grained_callables import build_transformer_layer_callables
+
+    if moe:
+        model = _moe_model()
+    else:
+        model = build_tiny_gpt(TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16),
+                               MHC_TORCH)
+    tokens = _tokens(1)
+    hidden = model.embedding(causal_lm_inputs(tokens)[0], causal_lm_inputs(tokens)[1])
+    for layer in model.decoder.layers:
+        forward_funcs, _ = build_transformer_layer_callables(layer)
+        node = _schedule_node(model, tokens)
+        with pytest.raises(RuntimeError, match="outside the layer's forward"):
+            forward_funcs[0](node, hidden)  # attention (+ router / dispatch preprocess)
+        if not moe:
+            with pytest.raises(RuntimeError, match="outside the layer's forward"):
+                forward_funcs[2](node, hidden)  # the dense MLP callable
+    # The layer itself still runs (the guard only refuses callers outside forward()).
+    lm_loss(model, tokens).backward()
+
+
+def test_te_graph_capture_path_stops_on_an_mhc_layer(megatron_cpu):
+    """``--cuda-graph-impl transformer_engine`` captures ``_te_cuda_graph_capture``, which calls
+    the sublayer methods directly."""
+    model = build_tiny_gpt(TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16), MHC_TORCH)
+    hidden = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(RuntimeError, match="outside the layer's forward"):
+        model.decoder.layers[0]._te_cuda_graph_capture(hidden)
+
+
+def test_dynamic_inference_context_stops_at_the_layer(megatron_cpu):
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    model = build_tiny_gpt(TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16), MHC_TORCH)
+    hidden = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(3))
+
+    class DynamicLike(StaticInferenceContext):
+        def is_static_batching(self):
+            return False
+
+    context = DynamicLike(max_batch_size=2, max_sequence_length=16)
+    with pytest.raises(NotImplementedError, match="dynamic inference engine"):
+        model.decoder.layers[0](hidden, attention_mask=None, inference_context=context)
+
+
+# --------------------------------------------------------------------------- the README
+def test_readme_audit_table_names_every_refused_flag():
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Which Megatron-Core paths run mHC")
+    section = text[start:text.index("\n## ", start + 1)]
+    for flag in sorted(FEATURE_ARGV) + sorted(GRAPH_ARGV):
+        assert f"`{flag}" in section, f"README's audit table does not name {flag}"
