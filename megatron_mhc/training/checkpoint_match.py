@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from megatron_mhc.core.config import FLAG_NAMES, MHCConfig
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # as checkpoint_io (not imported: torch)
 #: Parameter-name parts of this project's mHC parameters and of Megatron-LM main's layout.
 OUR_PARTS = (".attn_hc.", ".mlp_hc.")
 UPSTREAM_PARTS = ("_hyper_connection.",)
@@ -121,7 +121,7 @@ def read_checkpoint_model(root: Path, iter_dir: Path) -> Optional[CheckpointMode
         return None
     try:
         stored_mhc = hooks.mhc_config_from_args(stored) if stored is not None else None
-    except ValueError:  # stored values this version does not accept: trust the shapes only
+    except (TypeError, ValueError):  # stored values this version refuses: trust the shapes
         stored_mhc = None
     if stored_mhc is not None and stored_mhc.is_residual:
         stored_mhc = None  # one stream, no mHC parameters: a plain model for loading
