@@ -77,6 +77,7 @@ def originals(tmp_path_factory):
                 mhc_config=MHCConfig(variant="hc", init_method="function_preserving"))
         convert("to-upstream", root / "mhc", root / "upstream")
         save_mhc_checkpoint(root / "trained", MHCConfig(kernel_backend="torch"))
+        _with_plain_args(root / "mhc", root / "mhc_plain_args")
     torch.save(torch.randint(0, 256, (2, 3, 4)), root / "batch_3d.pt")
     (root / "not_a_checkpoint").mkdir()
     (root / "not_a_checkpoint" / "readme.txt").write_text("hello\n")
@@ -87,6 +88,16 @@ def originals(tmp_path_factory):
     (root / "gains_bad.jsonl").write_text('{"iteration": 1}\nnot json\n')
     _write_patch_tree(root)
     return root
+
+
+def _with_plain_args(source: Path, out: Path) -> None:
+    """A copy of an mHC checkpoint whose stored args are a plain run's (only its parameter names
+    tell that it holds mHC)."""
+    from megatron_mhc.training.checkpoint_io import read_model_checkpoint, write_model_checkpoint
+
+    checkpoint = read_model_checkpoint(source)
+    checkpoint.common["args"] = argparse.Namespace(hidden_size=32, num_layers=2)
+    write_model_checkpoint(checkpoint, out)
 
 
 # A synthetic patch set over a synthetic Megatron-like tree (same format as patches/core_v0.19.0).
@@ -158,9 +169,14 @@ def apply_patch(ws):
 
 def flags(*argv):
     """Parse the flags the way Megatron's patched parser does, then validate them; the case
-    fails if validation changed the parsed arguments."""
+    fails if validation changed the parsed arguments. ``{ws}`` in a flag is the workspace."""
     def run(ws):
         parser = hooks.add_mhc_args(argparse.ArgumentParser())
+        parser.add_argument("--load", default=None)
+        parser.add_argument("--pretrained-checkpoint", default=None)
+        parser.add_argument("--ckpt-step", type=int, default=None)
+        for flag in ("--use-checkpoint-args", "--finetune", "--no-load-optim", "--no-load-rng"):
+            parser.add_argument(flag, action="store_true")
         parser.add_argument("--cuda-graph-impl", default="none")
         parser.add_argument("--mtp-num-layers", type=int, default=None)
         parser.add_argument("--hybrid-layer-pattern", default=None)
@@ -168,7 +184,7 @@ def flags(*argv):
         parser.add_argument("--no-overlap-p2p-communication", action="store_false",
                             dest="overlap_p2p_comm")
         try:
-            args = parser.parse_args(list(argv))
+            args = parser.parse_args([a.replace("{ws}", str(ws.root)) for a in argv])
         except SystemExit as exc:
             raise ValueError("argparse refused the command line") from exc
         before = copy.deepcopy(vars(args))
@@ -177,6 +193,11 @@ def flags(*argv):
         finally:
             assert vars(args) == before, "validate_mhc_args changed the arguments on error"
     return run
+
+
+def passes(result, ws):
+    """A flag case that validation accepts."""
+    assert result is None
 
 
 def read_only_parent(ws):
@@ -450,6 +471,56 @@ CASES = [
     Case("flag: --mhc-overlap without p2p overlap (VPP)",
          flags("--enable-mhc", "--mhc-overlap", "--virtual-pipeline-model-parallel-size", "2",
                "--no-overlap-p2p-communication"), ValueError, "--no-overlap-p2p-communication"),
+    # Checkpoints that do not match the flags (--load / --pretrained-checkpoint; read, not changed).
+    Case("checkpoint: plain loaded with --enable-mhc", flags("--load", "{ws}/plain", "--enable-mhc"),
+         ValueError, r"checkpoint \S*/plain \(iter_0000007\) holds a model without mHC parameters"
+                     r".*`megatron-mhc convert plain-to-mhc \S*/plain OUT --expansion-rate 4 "
+                     r"--variant mhc` and load OUT \(with --no-load-optim --no-load-rng"),
+    Case("checkpoint: plain as --pretrained-checkpoint with --enable-mhc (--finetune, "
+         "--use-checkpoint-args)",
+         flags("--load", "{ws}/not_a_checkpoint", "--pretrained-checkpoint", "{ws}/plain",
+               "--finetune", "--no-load-optim", "--use-checkpoint-args", "--enable-mhc",
+               "--mhc-expansion-rate", "2", "--mhc-variant", "hc"),
+         ValueError, r"\S*/plain \(iter_0000007\).*convert plain-to-mhc \S*/plain OUT "
+                     r"--expansion-rate 2 --variant hc"),
+    Case("checkpoint: mHC with another --mhc-expansion-rate",
+         flags("--load", "{ws}/mhc", "--enable-mhc", "--mhc-expansion-rate", "2"), ValueError,
+         r"checkpoint \S*/mhc \(iter_0000007\) holds an mHC model \(n=4, variant mhc\), but "
+         r"the flags ask for an mHC model \(--enable-mhc --mhc-expansion-rate 2 --mhc-variant "
+         r"mhc\): use --mhc-expansion-rate 4 --mhc-variant mhc"),
+    Case("checkpoint: hc variant loaded as mhc (same shapes)", flags("--load", "{ws}/hc",
+                                                                     "--enable-mhc"),
+         ValueError, r"\S*/hc \(iter_0000007\) holds an mHC model \(n=4, variant hc\).*use "
+                     r"--mhc-expansion-rate 4 --mhc-variant hc"),
+    Case("checkpoint: mHC loaded without --enable-mhc", flags("--load", "{ws}/trained"),
+         ValueError, r"\S*/trained \(iter_0000001\) holds an mHC model \(n=4, variant mhc\)"
+                     r".*add --enable-mhc --mhc-expansion-rate 4 --mhc-variant mhc"),
+    Case("checkpoint: mHC parameters under a plain run's stored args, without --enable-mhc",
+         flags("--load", "{ws}/mhc_plain_args"), ValueError,
+         r"\S*/mhc_plain_args \(iter_0000007\) holds an mHC model \(n=4.*add --enable-mhc "
+         r"--mhc-expansion-rate 4 --mhc-variant mhc \(or hc\)"),
+    Case("checkpoint: Megatron-LM main's layout with --enable-mhc",
+         flags("--load", "{ws}/upstream", "--enable-mhc"), ValueError,
+         r"\S*/upstream \(iter_0000007\) holds an mHC model in Megatron-LM main's "
+         r"HyperConnectionModule layout.*`megatron-mhc convert from-upstream \S*/upstream OUT`"),
+    Case("checkpoint: --ckpt-step names an mHC iteration (no tracker), without --enable-mhc",
+         flags("--load", "{ws}/mhc", "--ckpt-step", "7"), ValueError,
+         r"\S*/mhc \(iter_0000007\) holds an mHC model",
+         damage=[("mhc/latest_checkpointed_iteration.txt", "delete")]),
+    Case("checkpoint: matching mHC flags", flags("--load", "{ws}/trained", "--enable-mhc",
+                                                 "--mhc-expansion-rate", "4"), outcome=passes),
+    Case("checkpoint: hc with --mhc-variant hc, optimizer not loaded",
+         flags("--load", "{ws}/hc", "--enable-mhc", "--mhc-variant", "hc", "--no-load-optim"),
+         outcome=passes),
+    Case("checkpoint: plain with plain flags", flags("--load", "{ws}/plain"), outcome=passes),
+    Case("checkpoint: plain with --mhc-variant residual (no mHC parameters)",
+         flags("--load", "{ws}/plain", "--enable-mhc", "--mhc-variant", "residual"),
+         outcome=passes),
+    Case("checkpoint: none yet (a fresh run)",
+         flags("--load", "{ws}/not_a_checkpoint", "--enable-mhc", "--mhc-expansion-rate", "2"),
+         outcome=passes),
+    Case("checkpoint: --load that does not exist yet", flags("--load", "{ws}/later"),
+         outcome=passes),
     Case("config: kernel backend unknown", lambda ws: MHCConfig(kernel_backend="cuda"),
          ValueError, r"--mhc-kernel-backend\) is invalid; allowed: auto, torch, triton"),
     Case("demo: unknown variant", demo_cli("--variants", "mhc,foo"), outcome=returns(2)),

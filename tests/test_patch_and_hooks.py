@@ -327,3 +327,55 @@ def test_apply_mhc_to_spec_wraps_layers_and_blocks(monkeypatch):
     assert hooks.apply_mhc_to_spec(layer, _parse([]), argparse.Namespace(hidden_size=16)) is layer
     with pytest.raises(TypeError, match="cannot wrap"):
         hooks.apply_mhc_to_spec(layer.submodules.self_attention, args, config)
+
+
+def test_launcher_refuses_a_checkpoint_that_does_not_match_the_flags(tmp_path, monkeypatch):
+    """``megatron-mhc launch`` installs the same validate hook: Megatron's own argument parsing
+    and validation (also with --use-checkpoint-args, which takes no --mhc-* flag from the
+    checkpoint) refuses a plain checkpoint under --enable-mhc, before any model is built."""
+    import importlib
+    import sys
+
+    from fixtures.checkpoints import cpu_megatron, save_plain_checkpoint
+
+    from megatron_mhc.training import launch
+
+    with cpu_megatron():  # Megatron's own reading of the tracker then runs without a group
+        save_plain_checkpoint(tmp_path / "plain")
+    arguments = importlib.import_module("megatron.training.arguments")
+    training = importlib.import_module("megatron.training.training")
+    from megatron.training.checkpointing import load_args_from_checkpoint
+
+    # install_hooks wraps module attributes for the rest of the process: restore them afterwards.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for module, name in ((arguments, "add_megatron_arguments"), (arguments, "validate_args"),
+                         (training, "train_step")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(arguments, "_mhc_launch_hooks", False, raising=False)
+    for module_name, name in (("megatron.training.models.gpt", "GPTModel"),
+                              ("megatron.training.models.hybrid", "HybridModel")):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    launch.install_hooks(str(tmp_path))
+    base = ["pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
+            "4", "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "1",
+            "--load", str(tmp_path / "plain")]
+
+    def parse_and_validate(*flags):  # Megatron's parse_and_validate_args, less its global state
+        monkeypatch.setattr(sys, "argv", [*base, *flags])
+        args = arguments.parse_args()
+        if args.use_checkpoint_args:
+            load_args_from_checkpoint(args)
+        arguments.validate_args(args, {})
+        return args
+
+    for flags in (["--enable-mhc"], ["--enable-mhc", "--use-checkpoint-args"]):
+        with pytest.raises(ValueError, match=r"plain \(iter_0000007\) holds a model without mHC "
+                                             r"parameters.*megatron-mhc convert plain-to-mhc"):
+            parse_and_validate(*flags)
+    assert parse_and_validate("--use-checkpoint-args").enable_mhc is False

@@ -37,6 +37,7 @@ from megatron_mhc.core.pipeline import (  # noqa: F401 - pipeline_hidden_size is
     pipeline_hidden_size,
     schedules_are_hooked,
 )
+from megatron_mhc.training.checkpoint_match import check_checkpoint_matches_flags
 
 ENABLE_FLAG = "--enable-mhc"
 #: Flags beyond the MHCConfig fields.
@@ -137,6 +138,8 @@ def validate_mhc_args(args: Any) -> None:
     """Check the mHC flags and their compatibility with the rest of the command line.
 
     Raises ``ValueError`` naming the flag and the allowed values; nothing is changed on error.
+    Also refuses a checkpoint to load (``--load`` / ``--pretrained-checkpoint``) that holds another
+    model than the flags ask for (``training.checkpoint_match``), with or without ``--enable-mhc``.
     """
     if not getattr(args, "enable_mhc", False):
         given = [FLAG_NAMES[f] for f, d in _FIELD_DESTS.items() if getattr(args, d, None) is not None]
@@ -147,6 +150,7 @@ def validate_mhc_args(args: Any) -> None:
         if given:
             raise ValueError(f"{', '.join(given)} given without {ENABLE_FLAG}: add {ENABLE_FLAG} "
                              "to train with mHC, or drop these flags")
+        check_checkpoint_matches_flags(args, None)
         return
     mhc_config = mhc_config_from_args(args)  # raises a ValueError naming the flag
     problems = refused_feature_problems(args, mhc_config)
@@ -164,6 +168,7 @@ def validate_mhc_args(args: Any) -> None:
         problems.append(f"{LOG_INTERVAL_FLAG} {interval}: allowed 0 (off) or a positive integer")
     if problems:
         raise ValueError("megatron-mhc: " + "; ".join(problems))
+    check_checkpoint_matches_flags(args, mhc_config)
     if getattr(args, "mhc_overlap", None) and getattr(
             args, "virtual_pipeline_model_parallel_size", None) is not None:
         # The interleaved schedule's p2p overlap (on by default) then also covers the warm-up and
