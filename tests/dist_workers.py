@@ -128,10 +128,13 @@ def exec_patched_schedules():
 
 
 def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
-                               first_stage_layers=None, tp=1, schedule_hook=False):
+                               first_stage_layers=None, tp=1, schedule_hook=False,
+                               mtp_num_layers=None, reference_path=None):
     """One training step (4 micro-batches) of a 4-layer mHC GPT at PP = world_size / tp
     (VPP = ``vpp``; TP = ``tp`` with sequence parallelism) through Megatron's own schedules;
-    saves the losses and every mHC gradient keyed by global layer."""
+    saves the losses and every mHC gradient keyed by global layer. With ``mtp_num_layers`` the
+    model has an MTP block (on the last stage), whose gradients are saved too; the PP = 1 run then
+    also saves its weights, and a run given ``reference_path`` (that file) starts from them."""
     from megatron.core import parallel_state
     from megatron.core.distributed.finalize_model_grads import (
         _allreduce_non_tensor_model_parallel_grads,
@@ -156,13 +159,27 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
             extra.update(variable_seq_lengths=False, mhc_pipeline_streams=n)
         if first_stage_layers is not None:  # uneven split
             extra["num_layers_in_first_pipeline_stage"] = first_stage_layers
+        if mtp_num_layers:
+            extra["mtp_num_layers"] = mtp_num_layers
         settings = TinyGPTSettings(num_layers=4, pipeline_model_parallel_size=pp,
                                    virtual_pipeline_model_parallel_size=vpp, extra_config=extra,
                                    tensor_model_parallel_size=tp, sequence_parallel=tp > 1)
         # Every rank builds every chunk of every stage in the same order, so all parameters get
         # the same initial values as at PP=1; each rank keeps its own chunks.
+        if reference_path is not None:
+            # The weights come from the reference below; Megatron's start-up copy of the first
+            # stage's embedding into the MTP stage's (an all-reduce of a .cuda() tensor over the
+            # embedding group) is skipped in this process.
+            from megatron.core.models.common.language_module.language_module import (
+                LanguageModule,
+            )
+
+            LanguageModule._is_in_embd_group = lambda self: False
         chunks = _build_pipeline_chunks(settings, MHCConfig(**mhc_kwargs), pp, vpp,
-                                        build_tiny_gpt)
+                                        build_tiny_gpt, own_only=reference_path is not None)
+        if reference_path is not None:
+            _load_global_weights(chunks, torch.load(reference_path)["state"])
+        state = chunks[0].state_dict() if mtp_num_layers and world_size == 1 else None
         micro_batches = [fixed_tokens(batch=2, seed=200 + i) for i in range(4)]
 
         def forward_step(data_iterator, model):
@@ -198,13 +215,16 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
                         continue
                     for pname, p in hc.named_parameters():
                         grads[f"{layer.layer_number}.{which}.{pname}"] = p.grad.detach().clone()
+            for pname, p in chunk.named_parameters():
+                if pname.startswith("mtp."):
+                    grads[pname] = p.grad.detach().clone()
         gathered = [None] * world_size
         first_tp_rank = parallel_state.get_tensor_model_parallel_rank() == 0
         torch.distributed.all_gather_object(gathered, {
             "losses": [d["loss"] for d in losses] if losses and first_tp_rank else [],
             "grads": grads})
         if rank == 0:
-            merged = {"losses": [], "grads": {}}
+            merged = {"losses": [], "grads": {}, "state": state}
             for part in gathered:
                 merged["losses"] += part["losses"]
                 merged["grads"].update(part["grads"])
@@ -213,13 +233,34 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
         destroy_cpu_distributed()
 
 
-def _build_pipeline_chunks(settings, mhc_config, pp, vpp, build):
+def _load_global_weights(chunks, state):
+    """Load a one-stage model's ``state`` into this rank's pipeline chunks: decoder layers by
+    global layer number; the embedding, final norm, MTP block and output layer wherever the
+    chunk has them (the MTP stage has its own copy of the embedding)."""
+    for chunk in chunks:
+        own = chunk.state_dict()
+        offset = chunk.decoder.layers[0].layer_number - 1 if len(chunk.decoder.layers) else 0
+        for key in own:
+            source = key
+            if key.startswith("decoder.layers."):
+                index, rest = key[len("decoder.layers."):].split(".", 1)
+                source = f"decoder.layers.{int(index) + offset}.{rest}"
+            if torch.is_tensor(own[key]) and source in state and (
+                    own[key].shape == state[source].shape):
+                own[key] = state[source]
+        chunk.load_state_dict(own)
+
+
+def _build_pipeline_chunks(settings, mhc_config, pp, vpp, build, own_only=False):
+    """This rank's model chunks. Every rank builds every stage's chunks in the global order (so
+    all parameters get PP = 1's initial values) and keeps its own; ``own_only``: builds only its
+    own (the weights are loaded afterwards)."""
     from megatron.core import parallel_state
 
     my_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
     for vp_stage in range(vpp or 1):  # global layer order: virtual stage, then stage
-        for stage in range(pp):
+        for stage in ([my_rank] if own_only else range(pp)):
             parallel_state.set_pipeline_model_parallel_rank(stage)
             model = build(settings, mhc_config, vp_stage=vp_stage if vpp else None)
             if stage == my_rank:

@@ -73,8 +73,8 @@ def test_hc_variant_trains(megatron_cpu):
 
 
 def test_unsupported_megatron_features_are_refused(megatron_cpu):
-    settings = TinyGPTSettings(extra_config=dict(mtp_num_layers=1))
-    with pytest.raises(ValueError, match="--mtp-num-layers is not supported with mHC"):
+    settings = TinyGPTSettings(extra_config=dict(fp32_residual_connection=True))
+    with pytest.raises(ValueError, match="--fp32-residual-connection is not supported with mHC"):
         build_tiny_gpt(settings, MHCConfig(kernel_backend="torch"))
 
 

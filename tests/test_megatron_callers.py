@@ -130,7 +130,6 @@ FEATURE_ARGV = {
     "--overlap-moe-expert-parallel-comm": ["--overlap-moe-expert-parallel-comm"],
     "--delay-wgrad-compute": ["--delay-wgrad-compute"],
     "--ep-overlap-early-attn-memory-release": ["--ep-overlap-early-attn-memory-release"],
-    "--mtp-num-layers": ["--mtp-num-layers", "1"],
     "--inference-fuse-tp-communication": ["--inference-fuse-tp-communication"],
     "--fine-grained-activation-offloading": ["--fine-grained-activation-offloading"],
     "--cpu-offloading-num-layers": ["--cpu-offloading-num-layers", "1"],
@@ -170,13 +169,29 @@ def test_refused_feature_stops_at_argument_validation(flag, variant):
     hooks.validate_mhc_args(_megatron_args(["--enable-mhc", "--mhc-variant", variant]))
 
 
+def test_accepted_megatron_features_pass_argument_validation():
+    """What runs mHC (tested above and in test_mtp.py) is not refused by the same validation."""
+    for argv in (["--mtp-num-layers", "2"], ["--recompute-granularity", "full",
+                                             "--recompute-method", "uniform"],
+                 ["--recompute-granularity", "selective", "--recompute-modules", "core_attn",
+                  "mlp", "layernorm", "moe", "shared_experts"],
+                 ["--mlp-chunks-for-training", "2"], ["--cuda-graph-impl", "local"]):
+        hooks.validate_mhc_args(_megatron_args(["--enable-mhc"] + argv))
+
+
+def test_hybrid_mtp_depths_are_refused():
+    args = _megatron_args(["--enable-mhc", "--hybrid-layer-pattern", "*-*-/*-"])
+    with pytest.raises(ValueError, match="--hybrid-layer-pattern .* multi-token-prediction"):
+        hooks.validate_mhc_args(args)
+    hooks.validate_mhc_args(_megatron_args(["--enable-mhc", "--hybrid-layer-pattern", "*-*-"]))
+
+
 #: TransformerConfig fields that switch each refused feature on (the FSDP flags live in DDP's
 #: config and args only: refused at validation above).
 CONFIG_FIELDS = {
     "--overlap-moe-expert-parallel-comm": dict(overlap_moe_expert_parallel_comm=True),
     "--delay-wgrad-compute": dict(delay_wgrad_compute=True),
     "--ep-overlap-early-attn-memory-release": dict(ep_overlap_early_attn_memory_release=True),
-    "--mtp-num-layers": dict(mtp_num_layers=1),
     "--inference-fuse-tp-communication": dict(inference_fuse_tp_communication=True),
     "--fine-grained-activation-offloading": dict(fine_grained_activation_offloading=True),
     "--cpu-offloading-num-layers": dict(cpu_offloading=True),

@@ -281,7 +281,6 @@ def test_overlap_flag_turns_on_megatrons_warmup_flush_p2p_overlap_with_vpp():
      "--mhc-recompute-block with --cuda-graph-impl local"),
     (["--enable-mhc", "--cuda-graph-impl", "full_iteration", "--mhc-overlap"],
      "--mhc-overlap with --cuda-graph-impl full_iteration"),
-    (["--enable-mhc", "--mtp-num-layers", "1"], "--mtp-num-layers"),
     (["--enable-mhc", "--mhc-log-interval", "-3"], "--mhc-log-interval"),
 ])
 def test_bad_flags_name_the_flag(argv, message):

@@ -15,6 +15,12 @@ Callers that go through ``forward()`` (``TransformerBlock``, Megatron's full and
 activation recompute, ``--mlp-chunks-for-training``, the local CUDA graphs of whole layers, the
 static inference engine, HybridModel's attention / MLP / MoE layers) run mHC; README's table
 "Which Megatron-Core paths run mHC" lists each with its test.
+
+Multi-token prediction (``--mtp-num-layers``) runs with mHC as Megatron builds it: the MTP block
+takes the decoder's output, which the last mHC layer has merged back to C wide (the contraction of
+the n streams that the output head sees too), and its layers are Megatron's plain layers built from
+Megatron's own layer spec. An mHC layer built inside an MTP block (``is_mtp_layer``) is refused
+(``MHCLayerMixin``): it would widen the MTP block's C-wide hidden state to n streams.
 """
 
 from __future__ import annotations
@@ -50,9 +56,6 @@ REFUSED_FEATURES: Tuple[RefusedFeature, ...] = (
                    "--ep-overlap-early-attn-memory-release",
                    "it is part of the expert-parallel overlap schedule, which skips the mHC "
                    "forward()"),
-    RefusedFeature(("mtp_num_layers",), "--mtp-num-layers",
-                   "the multi-token-prediction layers take the C-wide hidden state and their own "
-                   "residual; they are not fed the n streams yet"),
     RefusedFeature(("inference_fuse_tp_communication",), "--inference-fuse-tp-communication",
                    "the fused kernels add the residual inside the attention / MLP projections"),
     RefusedFeature(("fine_grained_activation_offloading",), "--fine-grained-activation-offloading",

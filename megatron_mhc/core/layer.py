@@ -132,6 +132,12 @@ class MHCLayerMixin:
     """
 
     def __init__(self, *args, mhc_config: Optional[MHCConfig] = None, **kwargs):
+        if kwargs.get("is_mtp_layer", False):
+            raise ValueError(
+                "mHC layer inside a multi-token-prediction block (--mtp-num-layers): the MTP "
+                "block takes the decoder's merged C-wide hidden state and runs Megatron's plain "
+                "layers; build its spec from Megatron's own layer spec "
+                "(get_gpt_mtp_block_spec(config, <plain layer spec>, ...)), not the mHC spec")
         super().__init__(*args, **kwargs)
         #: How many of this layer's forward() calls are running (the sublayer methods refuse
         #: callers outside them).

@@ -161,6 +161,11 @@ def validate_mhc_args(args: Any) -> None:
             f"--hybrid-layer-pattern {pattern!r} has layer types not covered by mHC: "
             + ", ".join(f"{s!r} ({HYBRID_UNCOVERED_SYMBOLS[s]})" for s in uncovered)
             + "; allowed with --enable-mhc: '*' attention, 'D' DSA, '+' MLA, '-' MLP, 'E' MoE")
+    if "/" in (pattern or ""):
+        problems.append(
+            f"--hybrid-layer-pattern {pattern!r} has multi-token-prediction depths ('/'): "
+            "HybridModel builds its MTP layers from the mHC stack spec, which widens the MTP "
+            "block's hidden state; not supported with --enable-mhc (GPT's --mtp-num-layers is)")
     if getattr(args, "mhc_overlap", None):
         problems.extend(_overlap_schedule_problems(args))
     interval = getattr(args, "mhc_log_interval", None)

@@ -100,6 +100,24 @@ def tiny_block_spec(layer_spec, num_layers: int) -> TransformerBlockSubmodules:
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=CPURMSNorm)
 
 
+def tiny_mtp_block_spec(config: TransformerConfig, num_moe_experts: Optional[int] = None,
+                        vp_stage: Optional[int] = None):
+    """The multi-token-prediction block spec as Megatron-LM builds it (``gpt_builders.py``):
+    from Megatron's own layer spec (plain layers on the merged C-wide hidden state, also with
+    mHC), with CPU-friendly RMSNorms; None without ``mtp_num_layers`` or off this stage."""
+    if not config.mtp_num_layers:
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", num_experts=num_moe_experts)
+    layer_spec = tiny_block_spec(layer_spec, 1).layer_specs[0]
+    return get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=False,
+                                  vp_stage=vp_stage)
+
+
 def build_tiny_gpt(
     settings: TinyGPTSettings,
     mhc_config: Optional[MHCConfig] = None,
@@ -135,6 +153,7 @@ def build_tiny_gpt(
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         vp_stage=vp_stage,
+        mtp_block_spec=tiny_mtp_block_spec(config, settings.num_moe_experts, vp_stage),
     )
 
 
