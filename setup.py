@@ -22,6 +22,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_mhc", "megatron_mhc.*"])
     + ["megatron_mhc.kernels", "megatron_mhc.patches"],

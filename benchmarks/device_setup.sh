@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Source on a lent GPU machine (no network) from the repository root. The sequence, staged from
+# Source on a GPU machine without network access from the repository root. The sequence, staged from
 # what `bash tools/device/prepare.sh <Megatron-LM clone>` put in .carry/ (versions pinned in
 # tools/device/versions.env), one device call each, back to back on the same warm machine:
 #

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Parallel checks of the patched Megatron-LM on a 2-GPU machine (the device run quoted in the
-# issue 4/5/7 closing notes): PP=2 (fixed [s, b, n*C] shapes from the patched schedules), PP=2 with
+# Parallel checks of the patched Megatron-LM on a 2-GPU machine (the run described in
+# examples/README.md): PP=2 (fixed [s, b, n*C] shapes from the patched schedules), PP=2 with
 # virtual stages, EP=2 MoE with mHC, plain baselines for step time; then on one GPU a short mHC
 # run with a checkpoint and `gain-report --batch` on it, and the MoE demo.
 # Needs a pristine Megatron-LM core_v0.19.0 tree at $MEGATRON_LM; logs go to $LOG_DIR.

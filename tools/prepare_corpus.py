@@ -14,7 +14,7 @@ checksums, sizes, counts). Train with e.g.
 (Megatron-Core 0.19's ``GPT2BPETokenizer`` loads ``gpt2`` from the Hugging Face hub whatever
 ``--vocab-file`` says, so it does not use this vocabulary.)
 
-Sources, licences and cleaning rules: ``megatron_mhc/corpus.py``.
+Sources, licences and cleaning rules: ``megatron_mhc/tools/corpus.py``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv (Python >= 3.12) and install megatron-mhc into it (editable).
-#   bash tools/setup_env.sh          # the package and its runtime needs (torch, megatron-core)
-#   bash tools/setup_env.sh --dev    # plus the test tools
+#   bash tools/setup_env.sh          # the package, its runtime needs (torch, megatron-core) and
+#                                    # matplotlib for the demo's plots (extra `plots`)
+#   bash tools/setup_env.sh --dev    # plus the test tools (extra `dev`, which includes matplotlib)
 # Set MHC_PYTHON to choose the interpreter; otherwise python3.13/python3.12 on PATH or pyenv's 3.12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
+extras="[plots]"
 [[ "${1:-}" == "--dev" ]] && extras="[dev]"
 
 find_python() {
