@@ -7,8 +7,8 @@
 #   bash benchmarks/te_stack_runs.sh parallel  2 GPUs: TP=2+SP, CP=2, PP=2 on TE, mHC then plain
 #   bash benchmarks/te_stack_runs.sh precision 2 GPUs as two 1-GPU jobs at once (mHC on GPU 0,
 #                                              plain on GPU 1): FP8 hybrid, then bf16, 100 its
-#   bash benchmarks/te_stack_runs.sh graphs    the same pairs with --cuda-graph-impl local, then
-#                                              full_iteration
+#   bash benchmarks/te_stack_runs.sh graphs    the same pairs with --cuda-graph-impl local
+#                                              (full_iteration is refused with --enable-mhc)
 #   bash benchmarks/te_stack_runs.sh overhead  1 GPU: plain, mHC (linked kernels) and mHC with
 #                                              MHC_CROSS_SUBLAYER_FUSION=1, one after the other,
 #                                              in ROUNDS (default 2) interleaved rounds of ITERS
@@ -94,7 +94,6 @@ precision)
 graphs)
     export ITERS=${ITERS:-100} GPUS=1
     pair graphs_local GRAPHS=local
-    [[ "${FULL_ITERATION:-1}" == 1 ]] && pair graphs_full GRAPHS=full_iteration
     table ;;
 overhead)
     export ITERS=${ITERS:-50} GPUS=1

@@ -12,7 +12,7 @@
 #   SP=1      sequence parallelism (needs TP > 1 and TE norms: IMPL te)
 #   FP8=1     FP8 GEMMs in the sublayers (--fp8-format hybrid, delayed scaling; needs TE); the mHC
 #             mappings stay in bf16 / fp32
-#   GRAPHS    local | full_iteration: Megatron's CUDA graphs (--cuda-graph-impl); the default mHC
+#   GRAPHS    local: Megatron's per-layer CUDA graphs (--cuda-graph-impl local); the default mHC
 #             flags then drop --mhc-recompute-block (host-side recompute cannot be replayed)
 #   DISTOPT=1 --use-distributed-optimizer
 #   GRAD_FUSION=1  Megatron's --gradient-accumulation-fusion (weight grads, mHC's included, added
@@ -56,7 +56,7 @@ if [[ "${SP:-0}" == 1 && ( $TP -lt 2 || $IMPL != te ) ]]; then
 fi
 [[ "${FP8:-0}" == 1 && $IMPL != te ]] && fail "FP8=1 needs Transformer-Engine (IMPL=te); got IMPL=$IMPL"
 [[ $CP -gt 1 && $IMPL != te ]] && fail "CP=$CP needs Transformer-Engine attention (IMPL=te); got IMPL=$IMPL"
-case ${GRAPHS:-} in ""|local|full_iteration) ;; *) fail "GRAPHS=$GRAPHS: allowed local, full_iteration (or unset)" ;; esac
+case ${GRAPHS:-} in ""|local) ;; *) fail "GRAPHS=$GRAPHS: allowed local (or unset)" ;; esac
 case ${GRAD_FUSION:-0} in
     0) ;;
     1) $PYTHON -c "import fused_weight_gradient_mlp_cuda" 2>/dev/null \
@@ -101,7 +101,6 @@ TRAIN_ARGS=(
 [[ "${GRAD_FUSION:-0}" == 0 ]] && MODEL_ARGS+=(--no-gradient-accumulation-fusion)
 if [[ -n "${GRAPHS:-}" ]]; then
     TRAIN_ARGS+=(--cuda-graph-impl "$GRAPHS")
-    [[ $GRAPHS == full_iteration ]] && TRAIN_ARGS+=(--no-check-for-nan-in-loss-and-grad)
 fi
 DATA_ARGS=(
     --mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --split 99,1,0

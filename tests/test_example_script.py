@@ -16,7 +16,8 @@ CASES = [
     ({"IMPL": "te", "TP": "1", "SP": "1"}, "SP=1 needs TP > 1 and IMPL=te"),
     ({"IMPL": "local", "FP8": "1"}, "FP8=1 needs Transformer-Engine"),
     ({"IMPL": "local", "CP": "2"}, "CP=2 needs Transformer-Engine attention"),
-    ({"IMPL": "local", "GRAPHS": "cudnn"}, "GRAPHS=cudnn: allowed local, full_iteration"),
+    ({"IMPL": "local", "GRAPHS": "cudnn"}, "GRAPHS=cudnn: allowed local"),
+    ({"IMPL": "local", "GRAPHS": "full_iteration"}, "GRAPHS=full_iteration: allowed local"),
     ({"IMPL": "local", "GRAD_FUSION": "yes"}, "GRAD_FUSION=yes: allowed 0, 1"),
 ]
 if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:  # Apex absent

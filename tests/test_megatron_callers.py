@@ -141,6 +141,7 @@ FEATURE_ARGV = {
 GRAPH_ARGV = {
     "--cuda-graph-impl transformer_engine": ["--cuda-graph-impl", "transformer_engine"],
     "--cuda-graph-modules": ["--cuda-graph-impl", "local", "--cuda-graph-modules", "attn"],
+    "--cuda-graph-impl full_iteration": ["--cuda-graph-impl", "full_iteration"],
 }
 
 
@@ -197,6 +198,7 @@ CONFIG_FIELDS = {
     "--cpu-offloading-num-layers": dict(cpu_offloading=True),
     "--fp32-residual-connection": dict(fp32_residual_connection=True),
     "--cuda-graph-impl transformer_engine": dict(cuda_graph_impl="transformer_engine"),
+    "--cuda-graph-impl full_iteration": dict(cuda_graph_impl="full_iteration"),
 }
 
 

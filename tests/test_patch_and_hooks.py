@@ -218,7 +218,7 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-@pytest.mark.parametrize("impl", ["local", "full_iteration"])
+@pytest.mark.parametrize("impl", ["local"])
 def test_cuda_graph_impls_that_capture_the_layer_forward_are_accepted(impl):
     for argv in (["--enable-mhc"], ["--enable-mhc", "--mhc-variant", "hc"],
                  ["--enable-mhc", "--mhc-variant", "residual"]):
@@ -274,13 +274,15 @@ def test_overlap_flag_turns_on_megatrons_warmup_flush_p2p_overlap_with_vpp():
     (["--enable-mhc", "--mhc-expansion-rate", "1"], "--mhc-expansion-rate.*2..16"),
     (["--enable-mhc", "--mhc-gate-init", "-1"], "--mhc-gate-init"),
     (["--enable-mhc", "--cuda-graph-impl", "transformer_engine"],
-     "--cuda-graph-impl transformer_engine .*allowed: none, local, full_iteration"),
+     "--cuda-graph-impl transformer_engine .*allowed: none, local"),
+    (["--enable-mhc", "--cuda-graph-impl", "full_iteration"],
+     "--cuda-graph-impl full_iteration .*not run with mHC.*allowed: none, local"),
     (["--enable-mhc", "--mhc-variant", "residual", "--cuda-graph-impl", "transformer_engine"],
      "--cuda-graph-impl transformer_engine"),
     (["--enable-mhc", "--cuda-graph-impl", "local", "--mhc-recompute-block", "2"],
      "--mhc-recompute-block with --cuda-graph-impl local"),
-    (["--enable-mhc", "--cuda-graph-impl", "full_iteration", "--mhc-overlap"],
-     "--mhc-overlap with --cuda-graph-impl full_iteration"),
+    (["--enable-mhc", "--cuda-graph-impl", "local", "--mhc-overlap"],
+     "--mhc-overlap with --cuda-graph-impl local"),
     (["--enable-mhc", "--mhc-log-interval", "-3"], "--mhc-log-interval"),
 ])
 def test_bad_flags_name_the_flag(argv, message):

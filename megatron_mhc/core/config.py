@@ -151,7 +151,14 @@ def _finite(value) -> bool:
 
 
 #: ``--cuda-graph-impl`` values the mHC layer runs under.
-CUDA_GRAPH_IMPLS = ("none", "local", "full_iteration")
+CUDA_GRAPH_IMPLS = ("none", "local")
+#: Why the other ``--cuda-graph-impl`` values are refused.
+_REFUSED_GRAPH_IMPLS = {
+    "transformer_engine": "its per-layer capture calls the attention and MLP sublayers directly, "
+                          "skipping the mHC mappings",
+    "full_iteration": "the whole-step capture was not run with mHC (the host-side state the layer "
+                      "keeps between forwards is not replayed by it)",
+}
 
 
 def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
@@ -159,9 +166,10 @@ def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
     """Why ``--cuda-graph-impl`` (and ``--cuda-graph-modules``) cannot be used with this mHC
     configuration (empty: they can).
 
-    ``local`` (per-layer graphs of Megatron's ``CudaGraphManager``) and ``full_iteration`` capture
-    the layer's own ``forward``, so the mHC ops are inside the graph; ``transformer_engine``
-    captures ``_forward_attention`` / ``_forward_mlp`` directly and would skip the mHC merge.
+    ``local`` (per-layer graphs of Megatron's ``CudaGraphManager``) captures the layer's own
+    ``forward``, so the mHC ops are inside the graph (run: replay = eager on an H100);
+    ``transformer_engine`` captures ``_forward_attention`` / ``_forward_mlp`` directly and would
+    skip the mHC merge; ``full_iteration`` was never run with mHC.
     ``--cuda-graph-modules`` scopes (attention only, MoE router, ...) were not run with mHC: only
     whole-layer graphs were. The mHC recompute registry and the high-priority merge stream are
     host-side logic a graph replay does not run, so they are refused with graphs.
@@ -170,9 +178,9 @@ def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
     if impl == "none":
         return []
     if impl not in CUDA_GRAPH_IMPLS:
-        return [f"--cuda-graph-impl {impl} is not supported with mHC (its per-layer capture "
-                "calls the attention and MLP sublayers directly, skipping the mHC mappings); "
-                "allowed: " + ", ".join(CUDA_GRAPH_IMPLS)]
+        why = _REFUSED_GRAPH_IMPLS.get(impl, "unknown to megatron-mhc")
+        return [f"--cuda-graph-impl {impl} is not supported with mHC ({why}); allowed: "
+                + ", ".join(CUDA_GRAPH_IMPLS)]
     problems = []
     modules = [str(getattr(m, "value", m)) for m in (cuda_graph_modules or [])]
     if impl == "local" and modules:

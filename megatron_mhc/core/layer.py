@@ -121,7 +121,7 @@ _HANDOFF = _StreamHandoff()
 
 def _cross_layer_fusion_allowed(config: TransformerConfig) -> bool:
     return (getattr(config, "recompute_granularity", None) != "full"
-            and getattr(config, "cuda_graph_impl", "none") in (None, "none", "full_iteration"))
+            and getattr(config, "cuda_graph_impl", "none") in (None, "none"))
 
 
 class MHCLayerMixin:
