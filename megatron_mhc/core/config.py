@@ -34,6 +34,10 @@ FLAG_NAMES = {
 }
 
 
+#: Field name -> the ``argparse`` destination of its flag (``args.mhc_<field>``).
+ARG_DESTS = {field: "mhc_" + field for field in FLAG_NAMES}
+
+
 def _bad(field: str, value, allowed: str) -> ValueError:
     return ValueError(
         f"MHCConfig.{field}={value!r} ({FLAG_NAMES[field]}) is invalid; allowed: {allowed}"
@@ -144,6 +148,19 @@ class MHCConfig:
     def as_dict(self) -> dict:
         """The fields as a plain dict (for logging and checkpoint metadata)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def mhc_config_from_args(args) -> Optional["MHCConfig"]:
+    """The ``MHCConfig`` that Megatron's parsed flags describe (unset ones: the defaults), or None
+    without ``--enable-mhc``. Raises the ``ValueError`` of a bad value, naming its flag."""
+    if not getattr(args, "enable_mhc", False):
+        return None
+    values = {}
+    for field, dest in ARG_DESTS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[field] = value
+    return MHCConfig(**values)
 
 
 def _finite(value) -> bool:

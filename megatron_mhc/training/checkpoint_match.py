@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from megatron_mhc.core.config import FLAG_NAMES, MHCConfig
+from megatron_mhc.core.config import FLAG_NAMES, MHCConfig, mhc_config_from_args
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # as checkpoint_io (not imported: torch)
 #: Parameter-name parts of this project's mHC parameters and of Megatron-LM main's layout.
@@ -111,7 +111,6 @@ def _rate_from_width(width: int) -> Optional[int]:
 
 def read_checkpoint_model(root: Path, iter_dir: Path) -> Optional[CheckpointModel]:
     """What the checkpoint holds, or None when it cannot be read (left to Megatron's loader)."""
-    from megatron_mhc.training import hooks
     from megatron_mhc.training.checkpoint_io import _LOAD_ERRORS
 
     try:
@@ -120,7 +119,7 @@ def read_checkpoint_model(root: Path, iter_dir: Path) -> Optional[CheckpointMode
     except _LOAD_ERRORS:
         return None
     try:
-        stored_mhc = hooks.mhc_config_from_args(stored) if stored is not None else None
+        stored_mhc = mhc_config_from_args(stored) if stored is not None else None
     except (TypeError, ValueError):  # stored values this version refuses: trust the shapes
         stored_mhc = None
     if stored_mhc is not None and stored_mhc.is_residual:

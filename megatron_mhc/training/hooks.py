@@ -21,16 +21,18 @@ it while ``megatron.core`` itself is still importing.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from typing import Any
 
 from megatron_mhc.core.compat import refused_feature_problems
 from megatron_mhc.core.config import (
+    ARG_DESTS,
     FLAG_NAMES,
     INIT_METHODS,
     KERNEL_BACKENDS,
     RECOMPUTE_REBUILDS,
     VARIANTS,
     MHCConfig,
+    mhc_config_from_args,
 )
 from megatron_mhc.core.pipeline import (  # noqa: F401 - pipeline_hidden_size is a hook
     PIPELINE_STREAMS_ATTR,
@@ -119,21 +121,6 @@ def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-_FIELD_DESTS = {field: "mhc_" + field for field in FLAG_NAMES}
-
-
-def mhc_config_from_args(args: Any) -> Optional[MHCConfig]:
-    """The ``MHCConfig`` the flags describe, or None without ``--enable-mhc``."""
-    if not getattr(args, "enable_mhc", False):
-        return None
-    values = {}
-    for field, dest in _FIELD_DESTS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            values[field] = value
-    return MHCConfig(**values)
-
-
 def validate_mhc_args(args: Any) -> None:
     """Check the mHC flags and their compatibility with the rest of the command line.
 
@@ -142,7 +129,7 @@ def validate_mhc_args(args: Any) -> None:
     model than the flags ask for (``training.checkpoint_match``), with or without ``--enable-mhc``.
     """
     if not getattr(args, "enable_mhc", False):
-        given = [FLAG_NAMES[f] for f, d in _FIELD_DESTS.items() if getattr(args, d, None) is not None]
+        given = [FLAG_NAMES[f] for f, d in ARG_DESTS.items() if getattr(args, d, None) is not None]
         if getattr(args, "mhc_log_interval", None) is not None:
             given.append(LOG_INTERVAL_FLAG)
         if getattr(args, "mhc_gain_log", None) is not None:
