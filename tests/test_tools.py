@@ -83,8 +83,15 @@ def test_convert_refusals(megatron_cpu, tmp_path):
 
 
 def test_upstream_layout_round_trip(megatron_cpu, tmp_path):
+    from megatron_mhc.training.cpu import megatron_cpu_patched, unpatch_megatron_for_cpu
+
     src = tmp_path / "plain"
     _save_plain_megatron_checkpoint(src)
+    # The converter runs as in a fresh process: a process group but none of the CPU training
+    # replacements (its dist-ckpt calls need only cuda_calls_on_cpu; with the replacements in
+    # place that guard would never be exercised).
+    unpatch_megatron_for_cpu()
+    assert not megatron_cpu_patched()
     # gate_init 0 must survive both renames (a falsy value, not a missing one).
     mhc = MHCConfig(expansion_rate=2, gate_init=0.0, sinkhorn_iters=7, kernel_backend="torch")
     convert("plain-to-mhc", src, tmp_path / "ours", mhc_config=mhc)
