@@ -52,7 +52,9 @@ def test_plain_to_mhc_is_function_preserving(megatron_cpu, tmp_path, variant):
     convert("plain-to-mhc", src, out, mhc_config=mhc)
     assert _tree_digest(src) == before  # the input is never modified
     loss, model = _load_mhc_loss(out, mhc)
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-3, atol=0)
+    # Bit for bit: measured |loss - plain_loss| = 0 for both variants on CPU (float32; the
+    # gates are 0 so the streams carry the plain model's residual exactly).
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
     # phi is random (breaks the stream symmetry), the gates are 0.
     hc = model.decoder.layers[0].attn_hc
     assert hc.phi.abs().max() > 0 and torch.all(hc.alpha == 0)
