@@ -38,8 +38,8 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "corpus": ["tokenizers"],
         "plots": ["matplotlib"],
-        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "triton>=3.2", "tokenizers",
-                "ruff==0.17.6", "build", "setuptools>=77"],
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-random-order>=1.1", "matplotlib",
+                "triton>=3.2", "tokenizers", "ruff==0.17.6", "build", "setuptools>=77"],
     },
     entry_points={"console_scripts": ["megatron-mhc=megatron_mhc.tools.cli:main"]},
 )

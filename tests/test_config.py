@@ -1,6 +1,7 @@
 """MHCConfig validation: every bad value names its flag and the allowed values."""
 
 import pytest
+import torch
 
 from megatron_mhc.core.config import FLAG_NAMES, MHCConfig
 
@@ -55,9 +56,27 @@ def test_backend_resolution_is_explicit(monkeypatch):
         if not report["tilelang"].available:
             with pytest.raises(RuntimeError, match="--mhc-kernel-backend tilelang is not available"):
                 backends.resolve_backend("tilelang")
-        assert backends.resolve_backend("auto") in ("torch", "triton", "tilelang")
+        # No CUDA and no interpreter: Triton is not available, so auto is the torch ops.
+        if not torch.cuda.is_available():
+            assert not report["triton"].available
+            assert backends.resolve_backend("auto") == "torch"
         with pytest.raises(ValueError, match="allowed: auto, torch, triton, tilelang"):
             backends.resolve_backend("cuda")
     finally:
         backends.triton_availability.cache_clear()
         backends.tilelang_availability.cache_clear()
+
+
+@pytest.mark.parametrize("triton_ok, tilelang_ok, expected", [
+    (True, True, "triton"), (True, False, "triton"), (False, True, "tilelang"),
+    (False, False, "torch")])
+def test_auto_takes_the_first_available_backend(monkeypatch, triton_ok, tilelang_ok, expected):
+    """``auto`` prefers Triton, then TileLang, then the torch ops (every combination)."""
+    from megatron_mhc.core import backends
+
+    def availability(ok):
+        return lambda: backends.Availability(ok, "" if ok else "not here")
+
+    monkeypatch.setattr(backends, "triton_availability", availability(triton_ok))
+    monkeypatch.setattr(backends, "tilelang_availability", availability(tilelang_ok))
+    assert backends.resolve_backend("auto") == expected

@@ -78,3 +78,43 @@ def test_ddp_main_grads_aligned_and_unchanged(megatron_cpu, megatron_buffers):
     assert any(misaligned[False]) and not any(misaligned[True])
     for plain, padded in zip(grads[False], grads[True]):
         torch.testing.assert_close(padded, plain, rtol=0, atol=0)
+
+
+def test_unalign_restores_megatrons_own_layout(megatron_buffers):
+    """``unalign_grad_buffers`` undoes ``align_grad_buffers`` (what the test fixtures rely on so
+    that a test calling ``apply_mhc_to_spec`` leaves no padded layout behind)."""
+    own = megatron_buffers._compute_default_per_buffer_param_layout
+    assert own is not layout.padded_param_layout
+    assert layout.align_grad_buffers()
+    assert megatron_buffers._compute_default_per_buffer_param_layout is layout.padded_param_layout
+    assert layout.unalign_grad_buffers()
+    assert megatron_buffers._compute_default_per_buffer_param_layout is own
+    assert not layout.unalign_grad_buffers()  # idempotent
+
+
+def test_unpatch_megatron_for_cpu_restores_every_replacement():
+    """``patch_megatron_for_cpu`` then ``unpatch_megatron_for_cpu``: every attribute it replaced
+    is the original object again (the fixtures undo the patch after each test)."""
+    from megatron.core import utils as core_utils
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    from megatron_mhc.training import cpu
+
+    if torch.cuda.is_available():
+        pytest.skip("patch_megatron_for_cpu does nothing where CUDA is visible")
+    before = (torch.cuda.synchronize, torch.cuda.current_device, schedules.torch,
+              vars(core_utils.GlobalMemoryBuffer)["get_tensor"],
+              transformer_utils.get_default_causal_mask,
+              vars(tp_random.CudaRNGStatesTracker)["fork"])
+    cpu.patch_megatron_for_cpu()
+    assert cpu.megatron_cpu_patched() and torch.cuda.synchronize is not before[0]
+    assert schedules.torch is not torch
+    cpu.unpatch_megatron_for_cpu()
+    after = (torch.cuda.synchronize, torch.cuda.current_device, schedules.torch,
+             vars(core_utils.GlobalMemoryBuffer)["get_tensor"],
+             transformer_utils.get_default_causal_mask,
+             vars(tp_random.CudaRNGStatesTracker)["fork"])
+    assert not cpu.megatron_cpu_patched()
+    assert all(a is b for a, b in zip(after, before))

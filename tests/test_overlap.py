@@ -9,7 +9,18 @@ from megatron_mhc.core.overlap import high_priority_stream, run_on_high_priority
 from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, lm_loss
 
 
-def _loss_and_grads(overlap, block):
+def _loss_and_grads(overlap, block, monkeypatch):
+    """Loss and gradients of a 3-layer mHC GPT, and the sublayers whose merge was handed to
+    ``run_on_high_priority_stream`` (by layer number)."""
+    from megatron_mhc.core import layer
+
+    handed, run = [], layer.run_on_high_priority_stream
+
+    def counted(fn, *tensors):
+        handed.append(fn)
+        return run(fn, *tensors)
+
+    monkeypatch.setattr(layer, "run_on_high_priority_stream", counted)
     torch.manual_seed(5)
     settings = TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16)
     model = build_tiny_gpt(settings, MHCConfig(expansion_rate=4, kernel_backend="torch",
@@ -17,14 +28,19 @@ def _loss_and_grads(overlap, block):
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(6))
     loss = lm_loss(model, tokens)
     loss.backward()
-    return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, len(handed)
 
 
 @pytest.mark.parametrize("block", [None, 2])
-def test_overlap_keeps_loss_and_gradients(megatron_cpu, block):
-    """On CPU the merge runs inline; the layer wiring (with and without recompute) is unchanged."""
-    loss0, grads0 = _loss_and_grads(False, block)
-    loss1, grads1 = _loss_and_grads(True, block)
+def test_overlap_keeps_loss_and_gradients(megatron_cpu, block, monkeypatch):
+    """With overlap each layer's MLP merge (3 layers: 3 merges, the attention merges not) goes
+    through ``run_on_high_priority_stream``, without it none does; on CPU that runs the merge
+    inline, so loss and gradients (with and without recompute) are the same bit for bit. (The
+    stream ordering itself: the CUDA test below.)"""
+    loss0, grads0, handed0 = _loss_and_grads(False, block, monkeypatch)
+    loss1, grads1, handed1 = _loss_and_grads(True, block, monkeypatch)
+    assert (handed0, handed1) == (0, 3)
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     assert grads1.keys() == grads0.keys()
     for name, grad in grads0.items():

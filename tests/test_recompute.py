@@ -17,7 +17,10 @@ def test_optimal_block_follows_the_paper_formula():
     assert optimal_recompute_block(8, 100) == 9
 
 
-def _run(block, backend, tokenised_bytes, rebuild="auto"):
+def _run(block, backend, tokenised_bytes, rebuild="auto", rebuilds=None):
+    """Loss and gradients of a 4-layer mHC GPT; appends the bytes of the streams replaced by
+    tokens in the forward to ``tokenised_bytes`` and the merges rebuilt in the backward to
+    ``rebuilds`` (a list, if given)."""
     torch.manual_seed(3)
     settings = TinyGPTSettings(num_layers=4, hidden_size=32, seq_length=16)
     model = build_tiny_gpt(settings, MHCConfig(expansion_rate=4, kernel_backend=backend,
@@ -33,36 +36,61 @@ def _run(block, backend, tokenised_bytes, rebuild="auto"):
             sizes.append(t.numel() * t.element_size())
         return packed
 
-    REGISTRY.pack = pack
+    rebuilt = []
+    original_add = REGISTRY.add_merged
+
+    def add_merged(out, parent, rebuild_fn):
+        def counted(*args):
+            rebuilt.append(1)
+            return rebuild_fn(*args)
+
+        return original_add(out, parent, counted)
+
+    REGISTRY.pack, REGISTRY.add_merged = pack, add_merged
     try:
         loss = lm_loss(model, tokens)
     finally:
-        REGISTRY.pack = original_pack
+        REGISTRY.pack, REGISTRY.add_merged = original_pack, original_add
     loss.backward()
     tokenised_bytes.append(sum(sizes))
+    if rebuilds is not None:
+        rebuilds.append(len(rebuilt))
     gc.collect()
     assert len(REGISTRY.live) == 0  # nothing of the step is kept after its backward
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 
 
+def _expected_rebuilds(blocks, sublayers, rebuild):
+    """Merges rebuilt in one backward: per block of ``sublayers``, ``block`` rebuilds each of its
+    sublayers - 1 inner streams once, ``sublayer`` rebuilds each chain from the block input
+    (s-1 + s-2 + ... + 1), ``auto`` does the last block as ``sublayer``, the others as ``block``."""
+    once, chains = sublayers - 1, sublayers * (sublayers - 1) // 2
+    if rebuild == "block":
+        return blocks * once
+    if rebuild == "sublayer":
+        return blocks * chains
+    return chains + (blocks - 1) * once
+
+
 @pytest.mark.parametrize("backend, block, rebuild", [
     (backend, block, "auto") for backend in ("torch", "triton") for block in (1, 2, 0)
 ] + [("torch", 2, "block"), ("torch", 2, "sublayer")])  # triton: the test below
 def test_recompute_keeps_loss_and_gradients(megatron_cpu, backend, block, rebuild):
-    base_bytes, rc_bytes = [], []
-    loss0, grads0 = _run(None, backend, base_bytes)
-    loss1, grads1 = _run(block, backend, rc_bytes, rebuild)
-    assert base_bytes == [0]
+    base_bytes, rc_bytes, base_rebuilds, rc_rebuilds = [], [], [], []
+    loss0, grads0 = _run(None, backend, base_bytes, rebuilds=base_rebuilds)
+    loss1, grads1 = _run(block, backend, rc_bytes, rebuild, rebuilds=rc_rebuilds)
+    assert base_bytes == [0] and base_rebuilds == [0]
+    # The backward really recomputes, on either backend: every stream inside a block but its
+    # first is rebuilt (4 layers, 2 sublayers each; L_r = 0 is the optimum, 2 here), and a
+    # block-sized share of them was not stored in the forward.
+    layers = block or optimal_recompute_block(4, 4)
+    assert rc_rebuilds == [_expected_rebuilds(4 // layers, 2 * layers, rebuild)], rc_rebuilds
+    assert rc_bytes[0] > 0
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     assert grads1.keys() == grads0.keys()
     for name, grad in grads0.items():
         torch.testing.assert_close(grads1[name], grad, rtol=1e-6, atol=1e-7, msg=name)
-    # Streams inside a block are not stored (the fused ops save the stream itself; the torch
-    # reference saves float32 copies of bf16 streams, which recompute does not reach).
-    sublayers_per_block = 2 * (block or optimal_recompute_block(4, 4))
-    if backend == "triton" and sublayers_per_block > 1:
-        assert rc_bytes[0] > 0
 
 
 def test_rebuild_policies_bound_the_streams_alive(megatron_cpu, monkeypatch):

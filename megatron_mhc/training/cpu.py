@@ -5,7 +5,8 @@ converter) and by the test suite. Two levels:
 
 * ``cuda_calls_on_cpu()``: a context in which ``torch.cuda.synchronize`` / ``current_device``
   (which Megatron's dist-ckpt reader and writer call) work without a GPU; restored on exit.
-* ``patch_megatron_for_cpu()``: process-wide replacements for a whole CPU training run (below).
+* ``patch_megatron_for_cpu()``: process-wide replacements for a whole CPU training run (below);
+  ``unpatch_megatron_for_cpu()`` puts the originals back (test fixtures undo what they patched).
 
 Megatron-Core assumes CUDA in three places that a small CPU run reaches (see
 shared/notes/megatron-core-on-cpu.md): the global memory buffer, the default causal mask and the
@@ -27,6 +28,8 @@ import types
 import torch
 
 _PATCHED = False
+# (object, attribute name, original value) of every replacement patch_megatron_for_cpu made.
+_ORIGINALS: list = []
 
 
 @contextlib.contextmanager
@@ -66,18 +69,9 @@ def patch_megatron_for_cpu() -> None:
     def fork(self, name=None):
         return contextlib.nullcontext()
 
-    # Megatron allocates collective outputs with device=torch.cuda.current_device().
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    # dist-ckpt's writer synchronizes the device before copying tensors.
-    torch.cuda.synchronize = lambda device=None: None
-    # The pipeline schedules count tokens in torch.zeros(..., device="cuda").
     from megatron.core.pipeline_parallel import schedules
-
-    schedules.torch = _TorchOnCPU()
-    # The MoE alltoall dispatcher copies its split sizes to the host on a side CUDA stream.
     from megatron.core.transformer.moe import token_dispatcher
 
-    token_dispatcher.torch = _TorchOnCPU()
     move_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
 
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
@@ -86,12 +80,42 @@ def patch_megatron_for_cpu() -> None:
             return tensor.numpy()
         return move_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
-    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-    core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
-    transformer_utils.get_default_causal_mask = causal_mask
-    fused_softmax.get_default_causal_mask = causal_mask
-    tp_random.CudaRNGStatesTracker.fork = fork
+    replacements = [
+        # Megatron allocates collective outputs with device=torch.cuda.current_device().
+        (torch.cuda, "current_device", lambda: torch.device("cpu")),
+        # dist-ckpt's writer synchronizes the device before copying tensors.
+        (torch.cuda, "synchronize", lambda device=None: None),
+        # The pipeline schedules count tokens in torch.zeros(..., device="cuda").
+        (schedules, "torch", _TorchOnCPU()),
+        # The MoE alltoall dispatcher copies its split sizes to the host on a side CUDA stream.
+        (token_dispatcher, "torch", _TorchOnCPU()),
+        (token_dispatcher, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu),
+        (core_utils.GlobalMemoryBuffer, "get_tensor", get_tensor),
+        (transformer_utils, "get_default_causal_mask", causal_mask),
+        (fused_softmax, "get_default_causal_mask", causal_mask),
+        (tp_random.CudaRNGStatesTracker, "fork", fork),
+    ]
+    for owner, name, value in replacements:
+        # vars(): a class's own attribute (a function, not the bound method getattr gives)
+        original = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
+        _ORIGINALS.append((owner, name, original))
+        setattr(owner, name, value)
     _PATCHED = True
+
+
+def unpatch_megatron_for_cpu() -> None:
+    """Undo ``patch_megatron_for_cpu()``: every replaced attribute gets its original back, in
+    reverse order (idempotent; nothing to do where it did not patch)."""
+    global _PATCHED
+    while _ORIGINALS:
+        owner, name, original = _ORIGINALS.pop()
+        setattr(owner, name, original)
+    _PATCHED = False
+
+
+def megatron_cpu_patched() -> bool:
+    """Whether ``patch_megatron_for_cpu()``'s replacements are in place in this process."""
+    return _PATCHED
 
 
 class _NoStream:

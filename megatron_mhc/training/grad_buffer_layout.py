@@ -14,6 +14,7 @@ example: +11 ms per step; benchmarks/RESULTS.md, issue 14 seventh part).
 the distributed optimizer's own rule. Only the padding changes: the parameter order, the buckets'
 boundaries (a bucket still closes after the parameter that reaches ``bucket_size``) and the
 gradients are the same. The layout the distributed optimizer computes is left alone.
+``unalign_grad_buffers()`` restores Megatron-Core's own layout (the test fixtures undo it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+
+# Megatron-Core's own default layout, kept by align_grad_buffers() for unalign_grad_buffers().
+_ORIGINAL_LAYOUT = None
 
 
 def padded_param_layout(params: List[torch.nn.Parameter], bucket_size: Optional[int]):
@@ -54,11 +58,30 @@ def align_grad_buffers() -> bool:
     """Make Megatron-Core's default (non-distributed-optimizer) gradient-buffer layout pad every
     parameter start to 64 elements (``padded_param_layout``). Idempotent; returns whether the
     layout is now padded (False where this Megatron-Core has no such function: nothing changed)."""
+    global _ORIGINAL_LAYOUT
     from megatron.core.distributed import param_and_grad_buffer as buffers
 
     current = getattr(buffers, "_compute_default_per_buffer_param_layout", None)
     if current is None:
         return False
     if current is not padded_param_layout:
+        _ORIGINAL_LAYOUT = current
         buffers._compute_default_per_buffer_param_layout = padded_param_layout
     return True
+
+
+def unalign_grad_buffers() -> bool:
+    """Undo ``align_grad_buffers()``: Megatron-Core's own default layout again (idempotent).
+    Returns whether anything was restored."""
+    global _ORIGINAL_LAYOUT
+    import sys
+
+    buffers = sys.modules.get("megatron.core.distributed.param_and_grad_buffer")
+    if buffers is None or _ORIGINAL_LAYOUT is None:
+        return False
+    current = getattr(buffers, "_compute_default_per_buffer_param_layout", None)
+    restored = current is padded_param_layout
+    if restored:
+        buffers._compute_default_per_buffer_param_layout = _ORIGINAL_LAYOUT
+    _ORIGINAL_LAYOUT = None
+    return restored
