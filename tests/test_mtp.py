@@ -58,14 +58,16 @@ def test_function_preserving_mhc_with_mtp_equals_plain_with_mtp(mtp_tracker, mtp
         results.append((loss.detach(), _mtp_losses(mtp_tracker), grads))
     (loss0, mtp0, grads0), (loss1, mtp1, grads1) = results
     # Function-preserving mHC at init: the streams are copies, H_pre = 1/n each, H_post = 1,
-    # H_res = the Sinkhorn of a diagonal-dominant matrix (rows sum to 1): exact up to float32
-    # rounding of the n-stream sums.
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    # H_res doubly stochastic: equal up to float32 rounding of the n-stream sums. Measured on CPU
+    # (1 / 2 MTP layers): main loss identical, MTP losses 0 / 4.8e-7 apart, gradients 3.8e-7 /
+    # 5.4e-7 of their largest magnitude; held to about 4x that.
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     assert mtp0.shape == (mtp_num_layers,) and bool((mtp0 > 0).all())
-    torch.testing.assert_close(mtp1, mtp0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mtp1, mtp0, rtol=0, atol=2e-6)
     assert grads0.keys() == grads1.keys() and any(k.startswith("mtp.") for k in grads0)
     for name, grad in grads0.items():
-        torch.testing.assert_close(grads1[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
+        assert error <= 2e-6, f"{name}: relative gradient error {error:.3g}"
 
 
 def test_mhc_with_mtp_trains_every_parameter(mtp_tracker):
@@ -121,12 +123,13 @@ def test_mtp_with_pipeline_parallelism_matches_pp1(tmp_path, mtp_pp1):
     spawn(pipeline_losses_and_grads, 2, str(path), None, MHC, None, 1, False, 1, str(mtp_pp1))
     one, two = torch.load(mtp_pp1), torch.load(path)
     assert len(one["losses"]) == len(two["losses"]) == 4
+    # Measured on CPU: losses and every gradient identical (the stages run the same float32 ops).
     torch.testing.assert_close(torch.stack(two["losses"]), torch.stack(one["losses"]),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=0, atol=0)
     assert one["grads"].keys() == two["grads"].keys()
     assert any(k.startswith("mtp.") for k in one["grads"])
     for name, grad in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(two["grads"][name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_plain_to_mhc_conversion_keeps_the_mtp_block(mtp_tracker, tmp_path):
@@ -167,9 +170,9 @@ def test_plain_to_mhc_conversion_keeps_the_mtp_block(mtp_tracker, tmp_path):
             torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
     with torch.no_grad():
         loss = lm_loss(model, _tokens(6))
-    # The conversion is function-preserving (gates 0): float32 rounding of the stream sums.
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(_mtp_losses(mtp_tracker), plain_mtp, rtol=1e-5, atol=1e-6)
+    # The conversion is function-preserving (gates 0): measured identical on CPU.
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    torch.testing.assert_close(_mtp_losses(mtp_tracker), plain_mtp, rtol=0, atol=0)
 
 
 def test_gain_metrics_of_a_model_with_mtp_cover_the_decoder(mtp_tracker):
