@@ -47,7 +47,7 @@ def test_hybrid_patterns_with_mamba_or_gdn_are_refused(pattern):
     from megatron_mhc.training import hooks
 
     args = argparse.Namespace(enable_mhc=True, hybrid_layer_pattern=pattern)
-    for name in hooks._FIELD_DESTS.values():
+    for name in hooks.ARG_DESTS.values():
         setattr(args, name, None)
     args.mhc_log_interval = None
     with pytest.raises(ValueError, match="--hybrid-layer-pattern.*not covered by mHC"):
