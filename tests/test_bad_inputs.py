@@ -302,7 +302,7 @@ def sinkhorn_of(values):
 
 def doubly_stochastic(out, ws):
     """Finite, entries in [0, 1], columns summing to 1 (Sinkhorn's last step); rows only
-    approximately after 20 iterations when an entry is forced to 0 or 1 (README: Sinkhorn)."""
+    approximately after 20 iterations when an entry is forced to 0 or 1 (docs/design.md: Sinkhorn)."""
     assert torch.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()
     torch.testing.assert_close(out.sum(-2), torch.ones_like(out.sum(-2)), atol=1e-9, rtol=0)
     torch.testing.assert_close(out.sum(-1), torch.ones_like(out.sum(-1)), atol=0.05, rtol=0)
