@@ -5,9 +5,11 @@ Each sublayer F (input-norm + attention, pre-MLP-norm + MLP) becomes
     x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)
 
 The layer reuses Megatron's own ``_forward_attention`` / ``_forward_mlp`` unchanged (so layernorm
-recompute, MLP recompute, offloading and the MoE paths keep working) and only swaps the two
-bias-dropout-add modules for ``get_bias_dropout`` — bias and dropout without the residual add — so
-those methods return F(.) alone, and the mHC merge does the residual mixing.
+recompute, MLP recompute and the MoE paths keep working) and only swaps the two bias-dropout-add
+modules for ``get_bias_dropout`` — bias and dropout without the residual add — so those methods
+return F(.) alone, and the mHC merge does the residual mixing. Called from anywhere but this
+layer's ``forward()`` they raise: such a caller would skip the streams and merges
+(``megatron_mhc.core.compat`` lists the Megatron features refused for that reason).
 
 The stream expansion happens inside the model's first layer (global layer number 1) and the merge
 inside its last (``config.num_layers``), so an unmodified ``GPTModel`` / ``TransformerBlock`` works:
