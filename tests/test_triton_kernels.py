@@ -343,7 +343,11 @@ def test_parameter_grads_accumulate_into_main_grad(param_dtype):
                                          main_grads[True], ref_params):
         if param_dtype == torch.float32:
             torch.testing.assert_close(fused, unfused, rtol=0, atol=0, msg=name)
-        _assert_close(fused, ref.grad, 2e-2, f"fused main_grad of {name}")
+        # Measured under the interpreter (relative norm error against float64): float32 2.2e-7 /
+        # 3.1e-7 / 2.2e-7 (phi / alpha / bias), bfloat16 1.9e-3 / 3.0e-3 / 2.5e-3 (the bf16
+        # inputs' rounding); held to about 3x that.
+        tol = 1e-6 if param_dtype == torch.float32 else 1e-2
+        _assert_close(fused, ref.grad, tol, f"fused main_grad of {name}")
         assert _rel_err(fused, ref.grad) <= _rel_err(unfused, ref.grad) + 1e-7, name
 
 
@@ -402,11 +406,16 @@ def test_mhc_gpt_with_triton_backend_matches_torch_backend(megatron_cpu):
                      if "_hc." in k}
             results[backend, step] = (loss.detach(), grads)
     assert fused_merges[-2:] == [3, 5], fused_merges  # 3 inside layers; then 2 across layers too
+    # Measured under the interpreter: losses equal to the last bit, mapping gradients at most
+    # 7.7e-6 apart (relative norm; the Sinkhorn backward sums in another order); held to about
+    # 4x that. On a GPU (not measured yet) the earlier bounds stay: loss 1e-5, gradients 1e-4.
+    gpu = DEVICE == "cuda"
     for step in range(2):
         torch.testing.assert_close(results["triton", step][0], results["torch", step][0],
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-5 if gpu else 0, atol=1e-6 if gpu else 0)
         for name, grad in results["torch", step][1].items():
-            _assert_close(results["triton", step][1][name], grad, 1e-4, f"step {step} {name}")
+            _assert_close(results["triton", step][1][name], grad, 1e-4 if gpu else 3e-5,
+                          f"step {step} {name}")
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="TileKernels runs on a GPU only")
@@ -602,9 +611,17 @@ def test_cross_sublayer_fusion_equals_the_unfused_path():
     exact = DEVICE == "cpu"
     torch.testing.assert_close(fused_out[1], plain_out[1], rtol=0 if exact else 2e-5,
                                atol=0 if exact else 1e-6)
-    torch.testing.assert_close(fused_out[0], plain_out[0], rtol=1e-5, atol=1e-6)
-    for fused, plain in zip(fused_grads, plain_grads):
-        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    # Measured under the interpreter (relative norm error): the first output 1.1e-7, the
+    # gradients 1.2e-7 .. 2.3e-7; held to about 4x that. On a GPU (not measured yet) the earlier
+    # element-wise bounds stay.
+    if exact:
+        _assert_close(fused_out[0], plain_out[0], 5e-7, "first output")
+        for i, (fused, plain) in enumerate(zip(fused_grads, plain_grads)):
+            _assert_close(fused, plain, 1e-6, f"gradient {i}")
+    else:
+        torch.testing.assert_close(fused_out[0], plain_out[0], rtol=1e-5, atol=1e-6)
+        for fused, plain in zip(fused_grads, plain_grads):
+            torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_entry_backward_in_one_launch_equals_the_two_launch_path():
