@@ -90,7 +90,9 @@ def test_recompute_keeps_loss_and_gradients(megatron_cpu, backend, block, rebuil
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     assert grads1.keys() == grads0.keys()
     for name, grad in grads0.items():
-        torch.testing.assert_close(grads1[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+        # The rebuilt streams come from the same kernels on the same inputs: measured
+        # bit-identical on CPU for both backends and every policy.
+        torch.testing.assert_close(grads1[name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_rebuild_policies_bound_the_streams_alive(megatron_cpu, monkeypatch):
