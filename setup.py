@@ -25,11 +25,12 @@ setup(
     license_files=["LICENSE"],
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_mhc", "megatron_mhc.*"])
-    + ["megatron_mhc.kernels", "megatron_mhc.patches"],
+    + ["megatron_mhc.kernels", "megatron_mhc.kernels.cuda", "megatron_mhc.patches"],
     package_dir={"megatron_mhc.kernels": "kernels", "megatron_mhc.patches": "patches"},
     package_data={
         "megatron_mhc": ["data/*.gz", "data/*.md"],
         "megatron_mhc.patches": ["*.md", "*/*.patch", "*/*.json"],
+        "megatron_mhc.kernels.cuda": ["*.cu"],
     },
     install_requires=["torch>=2.6", "megatron-core>=0.19.0,<0.20", "numpy", "tqdm", "psutil"],
     extras_require={
