@@ -3,11 +3,11 @@ is refused by name.
 
 Runs mHC: Megatron's full activation recompute (uniform and block), selective recompute of each
 module that lives inside a sublayer, ``--mlp-chunks-for-training`` — each gives the loss and every
-gradient of the same model without the feature. Refused: each feature of
-``megatron_mhc.core.compat.REFUSED_FEATURES`` at argument validation (through Megatron's own
-argument parser, so a renamed flag fails here) and at layer construction; Megatron's own
-expert-parallel overlap callables and TE graph capture on an mHC layer stop with an error instead
-of running the sublayers without mHC; the dynamic inference engine stops at the layer.
+gradient of the same model without the feature; TE's graph-capture function run eagerly gives the
+layer's ``forward()`` (the expert-parallel overlap schedule: tests/test_ep_overlap.py). Refused:
+each feature of ``megatron_mhc.core.compat.REFUSED_FEATURES`` and each refused combination at
+argument validation (through Megatron's own argument parser, so a renamed flag fails here) and at
+layer construction; the dynamic inference engine stops at the layer.
 """
 
 import argparse
@@ -131,9 +131,6 @@ def test_mlp_chunks_for_training_runs_mhc(megatron_cpu):
 # --------------------------------------------------------------------- refused by flag
 #: argv that switches each refused feature on in Megatron's own parser.
 FEATURE_ARGV = {
-    "--overlap-moe-expert-parallel-comm": ["--overlap-moe-expert-parallel-comm"],
-    "--delay-wgrad-compute": ["--delay-wgrad-compute"],
-    "--ep-overlap-early-attn-memory-release": ["--ep-overlap-early-attn-memory-release"],
     "--inference-fuse-tp-communication": ["--inference-fuse-tp-communication"],
     "--fine-grained-activation-offloading": ["--fine-grained-activation-offloading"],
     "--cpu-offloading-num-layers": ["--cpu-offloading-num-layers", "1"],
@@ -141,11 +138,15 @@ FEATURE_ARGV = {
     "--use-megatron-fsdp": ["--use-megatron-fsdp"],
     "--use-torch-fsdp2": ["--use-torch-fsdp2"],
 }
-#: Refused graph settings (not in REFUSED_FEATURES: cuda_graph_problems words them).
+#: Refused graph settings (not in REFUSED_FEATURES: cuda_graph_problems words them) and refused
+#: combinations (refused_feature_problems).
 GRAPH_ARGV = {
     "--cuda-graph-impl transformer_engine": ["--cuda-graph-impl", "transformer_engine"],
     "--cuda-graph-modules": ["--cuda-graph-impl", "local", "--cuda-graph-modules", "attn"],
     "--cuda-graph-impl full_iteration": ["--cuda-graph-impl", "full_iteration"],
+    "--recompute-modules layernorm with --overlap-moe-expert-parallel-comm": [
+        "--overlap-moe-expert-parallel-comm", "--recompute-granularity", "selective",
+        "--recompute-modules", "layernorm"],
 }
 
 
@@ -180,7 +181,11 @@ def test_accepted_megatron_features_pass_argument_validation():
                                              "--recompute-method", "uniform"],
                  ["--recompute-granularity", "selective", "--recompute-modules", "core_attn",
                   "mlp", "layernorm", "moe", "shared_experts"],
-                 ["--mlp-chunks-for-training", "2"], ["--cuda-graph-impl", "local"]):
+                 ["--mlp-chunks-for-training", "2"], ["--cuda-graph-impl", "local"],
+                 ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute",
+                  "--ep-overlap-early-attn-memory-release"],
+                 ["--overlap-moe-expert-parallel-comm", "--recompute-granularity", "selective",
+                  "--recompute-modules", "core_attn", "mlp", "shared_experts"]):
         hooks.validate_mhc_args(_megatron_args(["--enable-mhc"] + argv))
 
 
@@ -194,15 +199,15 @@ def test_hybrid_mtp_depths_are_refused():
 #: TransformerConfig fields that switch each refused feature on (the FSDP flags live in DDP's
 #: config and args only: refused at validation above).
 CONFIG_FIELDS = {
-    "--overlap-moe-expert-parallel-comm": dict(overlap_moe_expert_parallel_comm=True),
-    "--delay-wgrad-compute": dict(delay_wgrad_compute=True),
-    "--ep-overlap-early-attn-memory-release": dict(ep_overlap_early_attn_memory_release=True),
     "--inference-fuse-tp-communication": dict(inference_fuse_tp_communication=True),
     "--fine-grained-activation-offloading": dict(fine_grained_activation_offloading=True),
     "--cpu-offloading-num-layers": dict(cpu_offloading=True),
     "--fp32-residual-connection": dict(fp32_residual_connection=True),
     "--cuda-graph-impl transformer_engine": dict(cuda_graph_impl="transformer_engine"),
     "--cuda-graph-impl full_iteration": dict(cuda_graph_impl="full_iteration"),
+    "--recompute-modules layernorm with --overlap-moe-expert-parallel-comm": dict(
+        overlap_moe_expert_parallel_comm=True, recompute_granularity="selective",
+        recompute_modules=["layernorm"]),
 }
 
 
@@ -220,55 +225,21 @@ def test_refused_feature_stops_at_layer_construction(megatron_cpu, flag):
         MHCTransformerLayer(config, spec.submodules, layer_number=1, mhc_config=MHC_TORCH)
 
 
-# ------------------------------------------- direct callers of the sublayer methods stop
-def _moe_model():
-    settings = TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16, num_moe_experts=4)
-    return build_tiny_gpt(settings, MHC_TORCH)
-
-
-def _schedule_node(model, tokens):
-    _, _, _, mask = causal_lm_inputs(tokens)
-    chunk = SimpleNamespace(attention_mask=mask, rotary_pos_emb=None, rotary_pos_cos=None,
-                            rotary_pos_sin=None, packed_seq_params=None, sequence_len_offset=None,
-                            model=model)
-    return SimpleNamespace(chunk_state=chunk, layer_state=SimpleNamespace(), is_mtp=False,
-                           is_last_layer=False,
-                           detach=lambda t: t.detach().requires_grad_(t.requires_grad))
-
-
-@pytest.mark.parametrize("moe", [True, False])
-def test_expert_parallel_overlap_callables_stop_on_an_mhc_layer(megatron_cpu, moe):
-    """Megatron-Core's own EP-overlap layer callables (what ``combined_1f1b`` runs) call
-    ``_forward_attention`` / ``_forward_mlp`` themselves: on an mHC layer they stop instead of
-    computing ``F(norm(x))`` with no streams and no residual."""
-    from megatron.core.models.gpt.fine_grained_callables import build_transformer_layer_callables
-
-    if moe:
-        model = _moe_model()
-    else:
-        model = build_tiny_gpt(TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16),
-                               MHC_TORCH)
-    tokens = _tokens(1)
-    hidden = model.embedding(causal_lm_inputs(tokens)[0], causal_lm_inputs(tokens)[1])
-    for layer in model.decoder.layers:
-        forward_funcs, _ = build_transformer_layer_callables(layer)
-        node = _schedule_node(model, tokens)
-        with pytest.raises(RuntimeError, match="outside the layer's forward"):
-            forward_funcs[0](node, hidden)  # attention (+ router / dispatch preprocess)
-        if not moe:
-            with pytest.raises(RuntimeError, match="outside the layer's forward"):
-                forward_funcs[2](node, hidden)  # the dense MLP callable
-    # The layer itself still runs (the guard only refuses callers outside forward()).
-    lm_loss(model, tokens).backward()
-
-
-def test_te_graph_capture_path_stops_on_an_mhc_layer(megatron_cpu):
-    """``--cuda-graph-impl transformer_engine`` captures ``_te_cuda_graph_capture``, which calls
-    the sublayer methods directly."""
-    model = build_tiny_gpt(TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16), MHC_TORCH)
+# ------------------------------------- the TE graph-capture function computes forward()
+def test_te_graph_capture_function_computes_the_layer_forward(megatron_cpu):
+    """``_te_cuda_graph_capture`` (what ``--cuda-graph-impl transformer_engine`` captures) calls the
+    sublayer methods itself; run eagerly it gives the layer's own ``forward()`` output, streams
+    and merges included. (The TE graph path stays refused until captured replay is checked on a
+    GPU.)"""
+    model = build_tiny_gpt(TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16), MHC_TORCH)
     hidden = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(2))
-    with pytest.raises(RuntimeError, match="outside the layer's forward"):
-        model.decoder.layers[0]._te_cuda_graph_capture(hidden)
+    mask = causal_lm_inputs(_tokens(1))[3]
+    for layer in model.decoder.layers:
+        expected, _ = layer(hidden, attention_mask=mask)
+        (captured,) = layer._te_cuda_graph_capture(hidden, attention_mask=mask)
+        torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+        assert captured.shape[-1] == (32 if layer.is_last_mhc_layer else 4 * 32)
+        hidden = expected
 
 
 def test_dynamic_inference_context_stops_at_the_layer(megatron_cpu):
@@ -292,4 +263,5 @@ def test_readme_audit_table_names_every_refused_flag():
     start = text.index("## Which Megatron-Core paths run mHC")
     section = text[start:text.index("\n## ", start + 1)]
     for flag in sorted(FEATURE_ARGV) + sorted(GRAPH_ARGV):
-        assert f"`{flag}" in section, f"README's audit table does not name {flag}"
+        for part in flag.split(" with "):  # a refused combination: each flag named
+            assert f"`{part}" in section, f"README's audit table does not name {part}"

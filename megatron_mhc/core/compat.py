@@ -1,20 +1,18 @@
 """Which Megatron-Core 0.19 features run with the mHC layer, and which are refused by name.
 
-The mHC layer does its stream work (expansion, entry mappings, pre-aggregate, post/residual
-merge, contraction) in its ``forward()`` and gives Megatron's ``_forward_attention`` /
-``_forward_mlp`` only the aggregated C-wide input, with bias-dropout modules that add no
-residual. A Megatron-Core caller that runs those sublayer methods (or the MoE pieces) itself,
-around ``forward()``, would therefore train a network with neither mHC nor a residual. Every such
-caller is listed in ``REFUSED_FEATURES`` and stops twice: at argument validation
-(``megatron_mhc.training.hooks.validate_mhc_args``) and at layer construction
-(``megatron_mhc.core.layer.check_transformer_config``); and the layer refuses a direct call of
-its sublayer methods from outside its ``forward()`` (``MHCLayerMixin``), so a caller this table
-missed fails loudly instead of silently.
+The mHC layer does its stream work inside Megatron's own sublayer methods (``_forward_attention``;
+the pre-MLP norm and ``mlp_bda`` for the MLP side; ``megatron_mhc.core.layer``), so callers that
+run those methods or the MoE pieces themselves run mHC too: ``TransformerBlock``, Megatron's full
+and selective activation recompute, ``--mlp-chunks-for-training``, the local CUDA graphs of whole
+layers, the static inference engine, HybridModel's attention / MLP / MoE layers, and the
+expert-parallel overlap schedule (``--overlap-moe-expert-parallel-comm``, with
+``--delay-wgrad-compute`` and ``--ep-overlap-early-attn-memory-release``). README's table "Which
+Megatron-Core paths run mHC" lists each with its test.
 
-Callers that go through ``forward()`` (``TransformerBlock``, Megatron's full and selective
-activation recompute, ``--mlp-chunks-for-training``, the local CUDA graphs of whole layers, the
-static inference engine, HybridModel's attention / MLP / MoE layers) run mHC; README's table
-"Which Megatron-Core paths run mHC" lists each with its test.
+A feature that was not run with mHC, or that cannot be, is listed in ``REFUSED_FEATURES`` (or
+checked in ``refused_feature_problems``) and stops twice, with its flag named: at argument
+validation (``megatron_mhc.training.hooks.validate_mhc_args``) and at layer construction
+(``megatron_mhc.core.layer.check_transformer_config``).
 
 Multi-token prediction (``--mtp-num-layers``) runs with mHC as Megatron builds it: the MTP block
 takes the decoder's output, which the last mHC layer has merged back to C wide (the contraction of
@@ -40,22 +38,9 @@ class RefusedFeature:
     reason: str  # why, in a user's words
 
 
-_SKIPS_FORWARD = ("its schedule calls the layer's attention and MoE pieces itself, around the "
-                  "layer's forward(), so the mHC streams and merges would be skipped and the "
-                  "model would train without mHC and without a residual")
-
 #: Megatron-Core 0.19 features refused with ``--enable-mhc`` (any variant: the residual ablation
 #: runs through the same layer). An attribute is "on" when truthy.
 REFUSED_FEATURES: Tuple[RefusedFeature, ...] = (
-    RefusedFeature(("overlap_moe_expert_parallel_comm",), "--overlap-moe-expert-parallel-comm",
-                   _SKIPS_FORWARD),
-    RefusedFeature(("delay_wgrad_compute",), "--delay-wgrad-compute",
-                   "the delayed weight gradients belong to the expert-parallel overlap schedule, "
-                   "which skips the mHC forward()"),
-    RefusedFeature(("ep_overlap_early_attn_memory_release",),
-                   "--ep-overlap-early-attn-memory-release",
-                   "it is part of the expert-parallel overlap schedule, which skips the mHC "
-                   "forward()"),
     RefusedFeature(("inference_fuse_tp_communication",), "--inference-fuse-tp-communication",
                    "the fused kernels add the residual inside the attention / MLP projections"),
     RefusedFeature(("fine_grained_activation_offloading",), "--fine-grained-activation-offloading",
@@ -83,4 +68,14 @@ def refused_feature_problems(source: Any, mhc_config: MHCConfig) -> List[str]:
     for feature in REFUSED_FEATURES:
         if any(getattr(source, name, None) for name in feature.attributes):
             problems.append(f"{feature.flag} is not supported with mHC: {feature.reason}")
+    if getattr(source, "overlap_moe_expert_parallel_comm", False) and _recomputes_layernorm(source):
+        problems.append(
+            "--recompute-modules layernorm with --overlap-moe-expert-parallel-comm is not "
+            "supported with mHC: the overlap schedule recomputes the pre-MLP norm module, where "
+            "the mHC MLP entry runs, without autograd; drop layernorm from --recompute-modules")
     return problems
+
+
+def _recomputes_layernorm(source: Any) -> bool:
+    return (getattr(source, "recompute_granularity", None) == "selective"
+            and "layernorm" in (getattr(source, "recompute_modules", None) or ()))

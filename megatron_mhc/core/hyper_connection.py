@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_mhc.core.config import MHCConfig
+from megatron_mhc.core.link import GenericLink
 from megatron_mhc.core.ops import MHCOps
 from megatron_mhc.core.ops.opset import FUSE_GRAD_ACCUMULATION_ATTR
 
@@ -115,14 +116,21 @@ class HyperConnection(MegatronModule):
     def enter_linked(self, x: Tensor, projection: Any = None
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Any]:
         """``enter`` for a sublayer whose merge is ``merge_linked``: also ``x_link`` (``x``, to be
-        passed to the merge instead of it) and ``link`` (``None`` where the ops have no linked
-        pair). Linked, the backward writes the stream's dx once (no autograd add of two dx).
+        passed to the merge instead of it) and ``link``. The merge's gradients for H_post / H_res
+        reach the entry's backward through the link, not through autograd, so the merge may run
+        in another autograd graph than the entry (a schedule node of Megatron's EP-overlap
+        schedule) with only the stream crossing. The kernel sets' own linked pair also writes the
+        stream's dx once (no autograd add of two dx); other sets get ``GenericLink``.
         ``projection``: what the previous merge's ``merge_linked_project`` made of ``x`` for this
         sublayer (then x is not read again for the norm and projection)."""
-        if self.ops.enter_linked is None:
-            agg, h_post, h_res = self.enter(x)
-            return agg, h_post, h_res, x, None
         cfg = self.mhc_config
+        if self.ops.enter_linked is None:
+            link = GenericLink()
+            agg, h_post, h_res, x_link = link.enter(
+                self.ops.enter, x, self.phi, self.alpha, self.bias, cfg.variant,
+                cfg.sinkhorn_iters, cfg.norm_eps)
+            self._record(h_res)
+            return agg, h_post, h_res, x_link, link
         extra = {} if projection is None else {"projection": projection}
         agg, h_post, h_res, x_link, link = self.ops.enter_linked(
             x, self.phi, self.alpha, self.bias, cfg.variant, cfg.sinkhorn_iters, cfg.norm_eps,
@@ -161,19 +169,21 @@ class HyperConnection(MegatronModule):
 
     def merge_linked(self, x_link: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor,
                      link: Any) -> Tensor:
-        """``merge`` of the pair opened by ``enter_linked`` (plain ``merge`` when ``link`` is None)."""
-        if link is None:
-            return self.merge(x_link, y, h_post, h_res)
-        return self.ops.merge_linked(x_link, y, h_post, h_res, link)
+        """``merge`` of the pair opened by ``enter_linked``: H_post / H_res enter cut from the
+        entry's graph (their gradients travel through ``link``)."""
+        if isinstance(link, GenericLink):
+            return link.merge(self.ops.post_res_merge, x_link, y, h_post, h_res)
+        return self.ops.merge_linked(x_link, y, h_post.detach(), h_res.detach(), link)
 
     def can_project_for(self, next_hc: Optional["HyperConnection"]) -> bool:
         """Whether this sublayer's merge can make ``next_hc``'s projection (cross-sublayer fusion):
         both use linked ops and this backend has ``merge_linked_project``."""
         return (next_hc is not None and self.ops.merge_linked_project is not None
-                and next_hc.ops.enter_linked is not None)
+                and self.ops.enter_linked is not None and next_hc.ops.enter_linked is not None)
 
     def merge_linked_project(self, x_link: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor,
                              link: Any, next_hc: "HyperConnection") -> Tuple[Tensor, Any]:
         """``merge_linked`` plus ``next_hc``'s projection of the new stream (for its
         ``enter_linked(out, projection=...)``); needs ``can_project_for(next_hc)`` and a link."""
-        return self.ops.merge_linked_project(x_link, y, h_post, h_res, link, next_hc.phi)
+        return self.ops.merge_linked_project(x_link, y, h_post.detach(), h_res.detach(), link,
+                                             next_hc.phi)

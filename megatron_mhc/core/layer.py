@@ -4,12 +4,22 @@ Each sublayer F (input-norm + attention, pre-MLP-norm + MLP) becomes
 
     x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)
 
-The layer reuses Megatron's own ``_forward_attention`` / ``_forward_mlp`` unchanged (so layernorm
-recompute, MLP recompute and the MoE paths keep working) and only swaps the two bias-dropout-add
-modules for ``get_bias_dropout`` — bias and dropout without the residual add — so those methods
-return F(.) alone, and the mHC merge does the residual mixing. Called from anywhere but this
-layer's ``forward()`` they raise: such a caller would skip the streams and merges
-(``megatron_mhc.core.compat`` lists the Megatron features refused for that reason).
+The mHC work lives inside Megatron's own sublayer methods, so every caller of them runs it: the
+layer's ``forward()``, Megatron-Core's expert-parallel overlap schedule (whose callables call
+``_forward_attention``, the pre-MLP norm, the MoE pieces and ``mlp_bda`` one by one, each in its
+own schedule node), activation recompute, and inference:
+
+* ``_forward_attention`` does the attention sublayer whole: entry (mappings + pre-aggregate),
+  Megatron's attention on the aggregate (its bias-dropout-add swapped for ``get_bias_dropout``, so
+  it returns F(.) without a residual), merge;
+* the MLP entry runs where Megatron computes the pre-MLP norm: ``_forward_pre_mlp_layernorm``, and
+  the ``pre_mlp_layernorm`` module itself (which the EP-overlap callables call directly; an
+  n*C-wide input makes it run the entry first, a C-wide one is normed as usual). Both return
+  Megatron's ``(norm output, residual)`` pair, the residual being the stream, which Megatron
+  hands to ``mlp_bda`` (across schedule nodes the EP-overlap schedule detaches it);
+* ``mlp_bda`` is the MLP merge; it finds the mappings its entry made through the stream's storage.
+  H_post / H_res do not cross schedule nodes in autograd: their gradients travel through the
+  entry/merge link (``megatron_mhc.core.link``), so only the stream does.
 
 The stream expansion happens inside the model's first layer (global layer number 1) and the merge
 inside its last (``config.num_layers``), so an unmodified ``GPTModel`` / ``TransformerBlock`` works:
@@ -21,9 +31,10 @@ does not read the stream for them. Inside a layer the next sublayer is known; ac
 layer hands its output's partials to the next layer through ``_HANDOFF``, keyed by the output
 tensor's identity. The producer learns which layer consumes its output from the first forward in
 which the consumer received that very tensor; a consumer that receives another tensor (pipeline
-stage boundary, a recompute chunk's saved input) projects its stream itself. Across layers it is
-off under Megatron's full recompute (a recomputed chunk's first layer would take the other path,
-summing in another order) and per-layer CUDA graphs (captured separately).
+stage boundary, a recompute chunk's saved input, a schedule node's detached copy) projects its
+stream itself. Across layers it is off under Megatron's full recompute (a recomputed chunk's first
+layer would take the other path, summing in another order) and per-layer CUDA graphs (captured
+separately).
 """
 
 from __future__ import annotations
@@ -126,6 +137,74 @@ def _cross_layer_fusion_allowed(config: TransformerConfig) -> bool:
             and getattr(config, "cuda_graph_impl", "none") in (None, "none"))
 
 
+class _LayerPass:
+    """One forward pass through an mHC layer, from its first sublayer method to its last: what
+    the attention side leaves for the MLP side (found again through the stream's storage)."""
+
+    __slots__ = ("recompute", "block_input", "projection", "next_layer_hc", "stream_key",
+                 "mlp_entry")
+
+    def __init__(self, recompute: bool, block_input, projection, next_layer_hc):
+        self.recompute = recompute
+        self.block_input = block_input
+        self.projection = projection
+        self.next_layer_hc = next_layer_hc
+        self.stream_key: Optional[int] = None
+        #: (x, h_post, h_res, link) of the MLP entry, for the MLP merge.
+        self.mlp_entry = None
+
+
+def _storage_key(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class MHCEntryNormMixin:
+    """Makes a layer's ``pre_mlp_layernorm`` module (a norm, or ``IdentityOp`` where
+    Transformer-Engine fuses the norm into fc1) the MLP entry: called on the n*C-wide stream it
+    runs the layer's MLP entry and returns ``(norm(aggregate), stream)``, Megatron's
+    (output, residual) pair; called on a C-wide tensor (the aggregate, e.g. by Megatron's
+    layernorm recompute) it is the plain norm. Parameters and their names are unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        layer = self._mhc_layer()
+        if layer is not None and hidden_states.shape[-1] != layer.config.hidden_size:
+            if (layer.training and not torch.is_grad_enabled()
+                    and getattr(layer, "recompute_pre_mlp_layernorm", False)):
+                raise RuntimeError(
+                    f"mHC layer {layer.layer_number}: the pre-MLP norm ran on the stream inside "
+                    "Megatron's layernorm recompute, which would run the mHC entry without "
+                    "autograd: --recompute-modules layernorm with "
+                    "--overlap-moe-expert-parallel-comm is not supported with --enable-mhc")
+            aggregate, stream = layer._mlp_entry(hidden_states)
+            return super().forward(aggregate, *args, **kwargs), stream
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+_ENTRY_NORM_CLASSES: dict = {}
+
+
+def _make_entry_norm(norm: torch.nn.Module, layer) -> None:
+    cls = type(norm)
+    if not issubclass(cls, MHCEntryNormMixin):
+        if cls not in _ENTRY_NORM_CLASSES:
+            _ENTRY_NORM_CLASSES[cls] = type(
+                "MHCEntry" + cls.__name__, (MHCEntryNormMixin, cls),
+                {"__doc__": f"{cls.__name__} that runs the mHC MLP entry on the n*C stream."})
+        norm.__class__ = _ENTRY_NORM_CLASSES[cls]
+    norm._mhc_layer = weakref.ref(layer)
+
+
+def _residual_bias_dropout_add(training: bool, fused: bool):
+    """``residual + dropout(x + bias)`` (the residual ablation's MLP ``mlp_bda``)."""
+    del fused
+
+    def bias_dropout_add(x_with_bias, residual, prob):
+        y = _bias_dropout(x_with_bias, None, prob, training)
+        return residual + y.to(residual.dtype)
+
+    return bias_dropout_add
+
+
 class MHCLayerMixin:
     """Turns a Megatron ``TransformerLayer`` (or subclass) into an mHC layer.
 
@@ -141,9 +220,6 @@ class MHCLayerMixin:
                 "layers; build its spec from Megatron's own layer spec "
                 "(get_gpt_mtp_block_spec(config, <plain layer spec>, ...)), not the mHC spec")
         super().__init__(*args, **kwargs)
-        #: How many of this layer's forward() calls are running (the sublayer methods refuse
-        #: callers outside them).
-        self._mhc_forward_depth = 0
         self.mhc_config = mhc_config if mhc_config is not None else MHCConfig()
         check_transformer_config(self.config, self.mhc_config)
         self.mhc_backend = resolve_backend(self.mhc_config.kernel_backend)
@@ -171,11 +247,18 @@ class MHCLayerMixin:
             if self.has_mlp:
                 self.mlp_hc = HyperConnection(self.config, self.mhc_config, ops, self.tp_group)
                 self.mlp_hc.sublayer_index = 2 * (self.layer_number - 1) + 1
+                _make_entry_norm(self.pre_mlp_layernorm, self)
+                self.mlp_bda = self._mlp_merge_bda
+        elif self.has_mlp:
+            self.mlp_bda = _residual_bias_dropout_add
         #: The next layer's first HyperConnection (a weak reference), learned in the first forward
         #: in which it received this layer's output; its projection is then made by this layer's
         #: last merge (see the module docstring).
         self.mhc_next_entry = None
         self.mhc_fuse_across_layers = _cross_layer_fusion_allowed(self.config)
+        #: The pass between this layer's attention side and its MLP merge (one at a time: a
+        #: layer's sublayers run in order for one micro-batch before the next one's start).
+        self._mhc_open_pass: Optional[_LayerPass] = None
 
     def _first_hc(self) -> Optional[HyperConnection]:
         return self.attn_hc if self.attn_hc is not None else self.mlp_hc
@@ -200,57 +283,57 @@ class MHCLayerMixin:
             return kwargs.pop("hidden_states"), args, kwargs
         return args[0], args[1:], kwargs
 
-    def _forward_attention(self, *args: Any, **kwargs: Any):
-        """Megatron's attention sublayer on the mHC aggregate; only from this layer's forward()."""
-        self._refuse_outside_forward("_forward_attention")
-        return super()._forward_attention(*args, **kwargs)
-
-    def _forward_mlp(self, *args: Any, **kwargs: Any):
-        """Megatron's MLP / MoE sublayer on the mHC aggregate; only from this layer's forward()."""
-        self._refuse_outside_forward("_forward_mlp")
-        return super()._forward_mlp(*args, **kwargs)
-
-    def _refuse_outside_forward(self, method: str) -> None:
-        # Callers that run the sublayer methods themselves (the EP-overlap schedule's callables,
-        # TE's per-layer graph capture) would skip the streams and merges: a model without mHC
-        # and without a residual. They are refused by flag (core.compat); this catches the rest.
-        if not self._mhc_forward_depth:
-            raise RuntimeError(
-                f"mHC layer {self.layer_number}: TransformerLayer.{method} was called from outside "
-                "the layer's forward(), which does the mHC stream work; this caller (e.g. "
-                "--overlap-moe-expert-parallel-comm's schedule or --cuda-graph-impl "
-                "transformer_engine) would train a model without mHC. Call the layer itself.")
-
     def forward(self, *args: Any, **kwargs: Any):
-        """Forward of one layer: ``[s, b, C or n*C] -> ([s, b, n*C or C], context)``."""
+        """Forward of one layer: ``[s, b, C or n*C] -> ([s, b, n*C or C], context)``; Megatron's
+        own ``forward`` (attention, then MLP), skipping a sublayer the layer does not have."""
+        hidden_states, context = self._forward_attention(*args, **kwargs)
+        if self.has_mlp:
+            hidden_states = self._forward_mlp(
+                hidden_states, kwargs.get("inference_context", None),
+                padding_mask=kwargs.get("padding_mask", None),
+                packed_seq_params=kwargs.get("packed_seq_params", None))
+        return hidden_states, context
+
+    # ------------------------------------------------------------------ attention side
+    def _forward_attention(self, *args: Any, **kwargs: Any):
+        """The attention sublayer with its mHC entry and merge (and, in the first layer, the
+        stream expansion): ``[s, b, C or n*C] -> ([s, b, n*C], context)`` (C wide after the
+        model's last layer when it has no MLP)."""
+        hidden_states, args, kwargs = self._split_hidden_states(args, kwargs)
         context = kwargs.get("inference_context", None)
         if context is not None and not context.is_static_batching():
             raise NotImplementedError(
                 f"mHC layer {self.layer_number}: Megatron's dynamic inference engine "
                 f"({type(context).__name__}) is not supported with mHC; use the static engine "
                 "(StaticInferenceContext, megatron_mhc.training.generate)")
-        self._mhc_forward_depth += 1
-        try:
-            return self._forward_streams(*args, **kwargs)
-        finally:
-            self._mhc_forward_depth -= 1
-
-    def _forward_streams(self, *args: Any, **kwargs: Any):
-        hidden_states, args, kwargs = self._split_hidden_states(args, kwargs)
-        mlp_kwargs = dict(
-            inference_context=kwargs.get("inference_context", None),
-            padding_mask=kwargs.get("padding_mask", None),
-            packed_seq_params=kwargs.get("packed_seq_params", None),
-        )
         if self.mhc_config.is_residual:
-            x, context = hidden_states, None
-            if self.has_attention:
-                y, context = self._forward_attention(x, *args, **kwargs)
-                x = x + y.to(x.dtype)
-            if self.has_mlp:
-                x = x + self._forward_mlp(x, **mlp_kwargs).to(x.dtype)
+            if not self.has_attention:
+                return hidden_states, None
+            y, context = super()._forward_attention(hidden_states, *args, **kwargs)
+            x = hidden_states + y.to(hidden_states.dtype)
             return make_viewless_tensor(x, requires_grad=x.requires_grad, keep_graph=True), context
 
+        x, layer_pass = self._start_pass(hidden_states)
+        context = None
+        if self.has_attention:
+            hooks = saved_stream_hooks if layer_pass.recompute else contextlib.nullcontext
+            with hooks():
+                aggregate, h_post, h_res, x_link, link = self.attn_hc.enter_linked(
+                    x, layer_pass.projection)
+            y, context = super()._forward_attention(aggregate, *args, **kwargs)
+            next_hc = self.mlp_hc if self.has_mlp else layer_pass.next_layer_hc
+            x, layer_pass.projection = self._merge(
+                self.attn_hc, layer_pass, x, x_link, y, h_post, h_res, link, next_hc)
+        if not self.has_mlp:
+            return self._finish_pass(layer_pass, x), context
+        out = make_viewless_tensor(x.flatten(-2), requires_grad=x.requires_grad, keep_graph=True)
+        if layer_pass.recompute:
+            REGISTRY.retarget(out)  # the MLP entry finds its stream through this tensor
+        layer_pass.stream_key = _storage_key(out)
+        self._mhc_open_pass = layer_pass
+        return out, context
+
+    def _start_pass(self, hidden_states: Tensor):
         n, hidden = self.mhc_config.n, self.config.hidden_size
         if self.is_first_mhc_layer:
             if hidden_states.shape[-1] != hidden:
@@ -270,7 +353,6 @@ class MHCLayerMixin:
         if (self.mhc_next_entry is not None and self.mhc_fuse_across_layers
                 and not self.is_last_mhc_layer):
             next_layer_hc = self.mhc_next_entry()
-
         recompute = (
             self.mhc_recompute_block is not None and self.training and torch.is_grad_enabled()
         )
@@ -279,62 +361,117 @@ class MHCLayerMixin:
             starts_block = (self.layer_number - 1) % self.mhc_recompute_block == 0
             if starts_block or not REGISTRY.is_live(x):
                 block_input = REGISTRY.add_block_input(x, self.mhc_config.recompute_rebuild)
-        context = None
-        if self.has_attention:
-            x, context, projection = self._sublayer(
-                self.attn_hc, x, recompute, lambda a: self._forward_attention(a, *args, **kwargs),
-                projection=projection,
-                next_hc=self.mlp_hc if self.has_mlp else next_layer_hc)
-        if self.has_mlp:
-            x, _, projection = self._sublayer(
-                self.mlp_hc, x, recompute, lambda a: (self._forward_mlp(a, **mlp_kwargs), None),
-                high_priority=self.mhc_config.overlap, projection=projection,
-                next_hc=next_layer_hc)
-        if block_input is not None:
-            REGISTRY.drop(block_input)
+        self._mhc_open_pass = None
+        return x, _LayerPass(recompute, block_input, projection, next_layer_hc)
 
-        if self.is_last_mhc_layer:
-            out = self.mhc_ops.merge_streams(x)
-        else:
-            out = x.flatten(-2)
-        out = make_viewless_tensor(out, requires_grad=out.requires_grad, keep_graph=True)
-        if not self.is_last_mhc_layer:
-            _HANDOFF.put(out, self, projection)
-        if recompute and not self.is_last_mhc_layer:
-            REGISTRY.retarget(out)  # the next layer finds its input stream through this tensor
-        return out, context
+    # ------------------------------------------------------------------------ MLP side
+    def _forward_pre_mlp_layernorm(self, hidden_states: Tensor):
+        """The MLP entry, then Megatron's pre-MLP norm (and its recompute) on the aggregate:
+        ``(norm output, stream)``, the stream being the residual Megatron gives ``mlp_bda``."""
+        if self.mhc_config.is_residual or not self.has_mlp:
+            return super()._forward_pre_mlp_layernorm(hidden_states)
+        aggregate, stream = self._mlp_entry(hidden_states)
+        normed = super()._forward_pre_mlp_layernorm(aggregate)
+        if isinstance(normed, tuple):
+            raise TypeError(f"mHC layer {self.layer_number}: a pre-MLP norm that returns its own "
+                            "residual (a fused residual norm) is not supported with mHC")
+        return normed, stream
 
+    def _mlp_entry(self, hidden_states: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(aggregate, stream)`` of the MLP sublayer for the stream ``hidden_states``
+        ``[s, b, n*C]`` that this layer's attention side returned (or a detached copy of it)."""
+        layer_pass = self._mhc_open_pass
+        if layer_pass is None or layer_pass.stream_key != _storage_key(hidden_states):
+            raise RuntimeError(
+                f"mHC layer {self.layer_number}: the MLP sublayer was given a stream that is not "
+                "this layer's attention output (a caller ran the MLP side without the layer's "
+                "_forward_attention first)")
+        n, hidden = self.mhc_config.n, self.config.hidden_size
+        x = hidden_states.unflatten(-1, (n, hidden))
+        hooks = saved_stream_hooks if layer_pass.recompute else contextlib.nullcontext
+        with hooks():
+            aggregate, h_post, h_res, x_link, link = self.mlp_hc.enter_linked(
+                x, layer_pass.projection)
+        layer_pass.projection = None
+        layer_pass.mlp_entry = (x, h_post, h_res, link)
+        stream = make_viewless_tensor(x_link.flatten(-2), requires_grad=x_link.requires_grad,
+                                      keep_graph=True)
+        return aggregate, stream
 
-    def _sublayer(self, hc: HyperConnection, x: Tensor, recompute: bool, run_sublayer,
-                  high_priority: bool = False, projection: Any = None,
-                  next_hc: Optional[HyperConnection] = None):
-        """``H_res x + H_post^T F(H_pre x)`` for one sublayer -> ``(out, context, projection of
-        out for next_hc or None)``; ``projection``: the previous merge's projection of x for
-        ``hc``. With recompute, the stream x is saved as a token and its successor registered to
-        be rebuilt in the backward. With ``high_priority`` the merge runs on the high-priority
-        stream (``megatron_mhc.core.overlap``)."""
-        mhc_ops_context = saved_stream_hooks if recompute else contextlib.nullcontext
-        with mhc_ops_context():
-            aggregate, h_post, h_res, x_link, link = hc.enter_linked(x, projection)
-        y, context = run_sublayer(aggregate)
-        project = link is not None and hc.can_project_for(next_hc)
+    def _mlp_merge_bda(self, training: bool, fused: bool):
+        """This layer's ``mlp_bda``: bias and dropout on the MLP output, then the mHC merge with
+        the stream Megatron passes as the residual (and, in the last layer, the contraction)."""
+        del fused
+
+        def merge(mlp_output_with_bias, residual, prob):
+            y = _bias_dropout(mlp_output_with_bias, None, prob, training)
+            return self._mlp_merge(y, residual)
+
+        return merge
+
+    def _mlp_merge(self, y: Tensor, residual: Tensor) -> Tensor:
+        layer_pass = self._mhc_open_pass
+        if (layer_pass is None or layer_pass.mlp_entry is None
+                or layer_pass.stream_key != _storage_key(residual)):
+            raise RuntimeError(
+                f"mHC layer {self.layer_number}: mlp_bda was called with a residual that is not "
+                "the stream of this layer's MLP entry (the pre-MLP norm must run on the stream "
+                "first)")
+        self._mhc_open_pass = None
+        x, h_post, h_res, link = layer_pass.mlp_entry
+        if residual.is_cuda:
+            # Megatron's EP-overlap schedule runs this merge in its combine node, on the
+            # communication stream, while the mappings were made on the compute stream: tell the
+            # caching allocator they are used here too (Megatron records the residual itself).
+            current = torch.cuda.current_stream(residual.device)
+            for tensor in (h_post, h_res, x):
+                tensor.record_stream(current)
+        x_link = residual.unflatten(-1, (self.mhc_config.n, self.config.hidden_size))
+        out, projection = self._merge(
+            self.mlp_hc, layer_pass, x, x_link, y, h_post, h_res, link,
+            layer_pass.next_layer_hc, high_priority=self.mhc_config.overlap)
+        return self._finish_pass(layer_pass, out, projection)
+
+    # ------------------------------------------------------------------------- shared
+    def _merge(self, hc: HyperConnection, layer_pass: _LayerPass, x: Tensor, x_link: Tensor,
+               y: Tensor, h_post: Tensor, h_res: Tensor, link: Any,
+               next_hc: Optional[HyperConnection], high_priority: bool = False):
+        """``H_res x + H_post^T y`` -> ``(out, projection of out for next_hc or None)``. With
+        recompute the merged stream is registered to be rebuilt in the backward from ``x``; with
+        ``high_priority`` the merge runs on the high-priority stream
+        (``megatron_mhc.core.overlap``)."""
+        project = hc.can_project_for(next_hc)
 
         def merge(x_link, y, h_post, h_res):
             if project:
                 return hc.merge_linked_project(x_link, y, h_post, h_res, link, next_hc)
             return hc.merge_linked(x_link, y, h_post, h_res, link), None
 
-        with mhc_ops_context():
+        hooks = saved_stream_hooks if layer_pass.recompute else contextlib.nullcontext
+        with hooks():
             if high_priority:
                 out, next_projection = run_on_high_priority_stream(merge, x_link, y, h_post, h_res)
             else:
                 out, next_projection = merge(x_link, y, h_post, h_res)
-        if recompute:
+        if layer_pass.recompute:
             y_saved, hp_saved, hr_saved = y.detach(), h_post.detach(), h_res.detach()
             REGISTRY.add_merged(
                 out, x, lambda parent, buffer: hc.rebuild_merge(parent, y_saved, hp_saved,
                                                                 hr_saved, buffer))
-        return out, context, next_projection
+        return out, next_projection
+
+    def _finish_pass(self, layer_pass: _LayerPass, x: Tensor, projection: Any = None) -> Tensor:
+        """The layer's output from its last stream ``x [s, b, n, C]``: the contraction in the
+        model's last layer, else the flattened stream (handed to the next layer)."""
+        if layer_pass.block_input is not None:
+            REGISTRY.drop(layer_pass.block_input)
+        out = self.mhc_ops.merge_streams(x) if self.is_last_mhc_layer else x.flatten(-2)
+        out = make_viewless_tensor(out, requires_grad=out.requires_grad, keep_graph=True)
+        if not self.is_last_mhc_layer:
+            _HANDOFF.put(out, self, projection)
+            if layer_pass.recompute:
+                REGISTRY.retarget(out)  # the next layer finds its input stream through this tensor
+        return out
 
 
 class MHCTransformerLayer(MHCLayerMixin, TransformerLayer):
