@@ -116,7 +116,8 @@ def test_the_three_floors_are_there():
     for package in ("megatron_mhc.core", "megatron_mhc.training", "megatron_mhc.tools",
                     "megatron_mhc.kernels", "megatron_mhc.patches"):
         assert package in MODULES, package
-    assert (ROOT / "kernels" / "triton_kernels.py").is_file()
+    for op_package in ("triton", "tilelang"):  # kernels/<language>/<op>.py
+        assert (ROOT / "kernels" / op_package / "__init__.py").is_file(), op_package
     assert (ROOT / "patches" / "core_v0.19.0" / "megatron-mhc.patch").is_file()
 
 
