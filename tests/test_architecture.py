@@ -121,6 +121,16 @@ def test_the_three_floors_are_there():
     assert (ROOT / "patches" / "core_v0.19.0" / "megatron-mhc.patch").is_file()
 
 
+def test_the_kernel_layout_table_names_every_op_module():
+    """docs/performance.md's op -> module table names every module of ``kernels/triton/`` and
+    ``kernels/tilelang/`` (one module per op)."""
+    table = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    for language in ("triton", "tilelang"):
+        for path in sorted((ROOT / "kernels" / language).glob("*.py")):
+            if path.name != "__init__.py":
+                assert f"`kernels/{language}/{path.name}`" in table, path
+
+
 def test_imports_only_go_downward():
     upward = [f"{a} ({FLOOR_NAMES[floor(a)]}) imports {b} ({FLOOR_NAMES[floor(b)]})"
               for a, targets in import_graph().items() for b in targets if floor(b) > floor(a)]
