@@ -326,20 +326,20 @@ def _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr,
 #: (tokens per program, warps) of the mapping kernels: the forward with the pre-apply and the
 #: backward. The per-token Sinkhorn work is latency-bound, so few tokens on one warp win: on an
 #: H100, backward 35-51 % and forward 5-12 % faster than (16, 4) / (4, 4)
-#: (benchmarks/probe_mappings.py, which marks these rows).
+#: (benchmarks/probes/probe_mappings.py, which marks these rows).
 MAPPINGS_FWD_TILE = (2, 1)
 MAPPINGS_BWD_TILE = (8, 1)
 
 
 #: Channels per step of the pre-apply inside the mapping forward kernel (256 measured the same at
-#: C = 768 and 4096; benchmarks/probe_launch_shapes.py).
+#: C = 768 and 4096; benchmarks/probes/probe_launch_shapes.py).
 MAPPINGS_PRE_BLOCK = 512
 
 
 #: (tokens, channels, warps) of one program of the entry backward's dH_pre pass + mapping backward
 #: (``pre_mappings_bwd_kernel``): 2 tokens in 128-channel steps on one warp. The per-token
 #: Sinkhorn work after the pass is latency-bound and wants one warp, as the mapping kernels do
-#: (H100, L2 flushed, benchmarks/probe_launch_shapes.py: 31.2 / 54.1 / 142.0 / 227.0 us at T x C =
+#: (H100, L2 flushed, benchmarks/probes/probe_launch_shapes.py: 31.2 / 54.1 / 142.0 / 227.0 us at T x C =
 #: 4096 x 768 / 4096 x 2048 / 8192 x 4096 / 8192 x 7168, against 36.6 / 60.3 / 144.4 / 228.4 for
 #: the dH_pre pass and the mapping backward as two launches; on the dH_pre pass's own tile, 2 x
 #: 256-512 on 2-4 warps, the one launch took 66.5 / 116.8 / 238.6 / 307.5).

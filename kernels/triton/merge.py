@@ -48,7 +48,7 @@ def post_res_fwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr, T, C,
 def _post_res_proj_configs():
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BT": 16, "BC": 64}, num_warps=4)]
-    # The two best of eleven shapes measured on an H100 (benchmarks/probe_merge_project.py,
+    # The two best of eleven shapes measured on an H100 (benchmarks/probes/probe_merge_project.py,
     # T=8192, n=4: 16x64 with 2 warps 623 us at C=4096, 32 % of the merge's floor; 64x64 with 8
     # warps 786 us); wider channel blocks and more stages spill to shared memory (up to 70x slower).
     return [triton.Config({"BT": bt, "BC": bc}, num_warps=w, num_stages=1)
@@ -148,7 +148,7 @@ def merge_tile(c: int):
     and the largest power-of-two channel block (128..512) that divides C, with one warp per 128
     channels (8 values per thread and stream). A block that does not divide C leaves masked lanes
     in its last program: at C = 768 the 512-block made the merge backward 45.6 us against 40.7
-    for 256 channels on 2 warps (H100, L2 flushed; benchmarks/probe_launch_shapes.py)."""
+    for 256 channels on 2 warps (H100, L2 flushed; benchmarks/probes/probe_launch_shapes.py)."""
     bc = 512
     while bc > 128 and c % bc:
         bc //= 2

@@ -65,7 +65,7 @@ def proj_partial_kernel(
 def _norm_proj_bwd_configs():
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BK": 64, "BT": 32}, num_warps=4)]
-    # The four best of ten tile shapes measured on an H100 (benchmarks/probe_norm_proj_bwd.py;
+    # The four best of ten tile shapes measured on an H100 (benchmarks/probes/probe_norm_proj_bwd.py;
     # T=8192, n=4, C=4096/7168: 128x64 with 4 warps and 4 stages first, the rest within 20 %).
     return [
         triton.Config({"BK": bk, "BT": bt}, num_warps=w, num_stages=st)
@@ -90,7 +90,7 @@ def norm_proj_bwd_kernel(
     The programs of the first K-block also sum one share of the mapping backward's alpha / bias
     partials (``[G, 3]`` / ``[G, M]``, one row per token block) into ``[SPLITS, 3]`` /
     ``[SPLITS, M]``: a few rows each here, where one program summing all G rows (thousands at
-    T = 8192) took 15-30 us on an H100 (benchmarks/probe_param_grads.py).
+    T = 8192) took 15-30 us on an H100 (benchmarks/probes/probe_param_grads.py).
 
     WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
     fused entry op writes its whole dx in this one pass. ADD_DX: also add ``dx_add`` (the post/res
@@ -264,7 +264,7 @@ def projection_plan(t: int, kdim: int):
     before rounding, warps, stages). Large problems: 64 x 128 tiles on 8 warps, ~2048 of K per
     split. When that grid would leave SMs idle (T = 4096, C = 768: 128 programs), 64 x 64 tiles on
     4 warps and ~512 of K per split (H100: 20.7 -> 18.7 us there, L2 flushed; 112.5 vs 117.9 us at
-    T = 8192, C = 4096, where the large launch stays; benchmarks/probe_launch_shapes.py)."""
+    T = 8192, C = 4096, where the large launch stays; benchmarks/probes/probe_launch_shapes.py)."""
     if _cdiv(t, 64) * _projection_splits(kdim, 128, 2048)[0] < PROJECTION_SMALL_GRID:
         return 64, 64, 512, 4, 3
     return 64, 128, 2048, 8, 3
