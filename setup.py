@@ -3,7 +3,8 @@
 The build system and tool settings are in pyproject.toml; the package layout is here. The
 repository's top-level ``kernels/`` and ``patches/`` folders ship inside the package as
 ``megatron_mhc.kernels`` and ``megatron_mhc.patches`` (``package_dir``), so a wheel, an sdist and
-an editable install all import the kernels and find the patch files.
+an editable install all import the kernels and find the patch files. The kernels' subpackages
+(``kernels/triton/``, ``kernels/tilelang/``, one module per op) are found under ``kernels/``.
 """
 
 import re
@@ -25,7 +26,8 @@ setup(
     license_files=["LICENSE"],
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_mhc", "megatron_mhc.*"])
-    + ["megatron_mhc.kernels", "megatron_mhc.kernels.cuda", "megatron_mhc.patches"],
+    + ["megatron_mhc.kernels", "megatron_mhc.patches"]
+    + [f"megatron_mhc.kernels.{name}" for name in find_packages(HERE / "kernels")],
     package_dir={"megatron_mhc.kernels": "kernels", "megatron_mhc.patches": "patches"},
     package_data={
         "megatron_mhc": ["data/*.gz", "data/*.md"],

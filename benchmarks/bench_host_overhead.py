@@ -63,7 +63,7 @@ def gpu_us(fn, host_us_per_call: float, iters: int) -> float:
 
 def op_cases(tokens: int, hidden: int, n: int):
     """(name, fn) pairs for the single ops at ``tokens`` tokens."""
-    from megatron_mhc.kernels import triton_ops
+    from megatron_mhc.kernels import triton as triton_ops
 
     dev, dt = "cuda", torch.bfloat16
     x = torch.randn(tokens, n, hidden, device=dev, dtype=dt, requires_grad=True)

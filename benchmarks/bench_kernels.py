@@ -66,7 +66,7 @@ def tile_kernels_ops():
 
 def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
     from megatron_mhc.core.ops import reference
-    from megatron_mhc.kernels.triton_ops import TRITON_OPS
+    from megatron_mhc.kernels.triton import TRITON_OPS
 
     dt, t, c = torch.bfloat16, tokens, hidden
     m = n * n + 2 * n
@@ -101,7 +101,7 @@ def run(tokens: int, n: int, hidden: int, bandwidth: float, rows: list) -> None:
         ("post/res merge + next projection", "fwd"):
             t * (2 * n * c * b + c * b + 4 * (n + n * n) + 4 * (m + 1)),
     }
-    from megatron_mhc.kernels import triton_ops as T
+    from megatron_mhc.kernels import triton as T
 
     projection = T.project_stream(x, phi)
     phi_next = (torch.randn(n * c, m, device="cuda", generator=gen) * 0.01).to(dt)
@@ -179,7 +179,8 @@ def sublayer_floor_bytes(t: int, n: int, c: int, b: int) -> int:
 
 def sublayer_steps(t: int, n: int, c: int) -> dict:
     """name -> (step closure running fwd + bwd on fresh leaves, or None, reason)."""
-    from megatron_mhc.kernels import triton_ops as T
+    from megatron_mhc.kernels import triton as T
+    from megatron_mhc.kernels.triton import projection as proj_module  # BACKWARD_DOT_OPERANDS
 
     dt, m = torch.bfloat16, n * n + 2 * n
     gen = torch.Generator(device="cuda").manual_seed(c + 1)
@@ -196,7 +197,7 @@ def sublayer_steps(t: int, n: int, c: int) -> dict:
         x, phi, alpha, bias = leaves(x0, phi0.to(dt), alpha0.to(dt), bias0.to(dt))
 
         def step():
-            T.BACKWARD_DOT_OPERANDS = dot
+            proj_module.BACKWARD_DOT_OPERANDS = dot
             try:
                 if linked:
                     agg, hp, hr, x_link, link = T.enter_linked(x, phi, alpha, bias)
@@ -206,7 +207,7 @@ def sublayer_steps(t: int, n: int, c: int) -> dict:
                     out = T.post_res_merge(x, agg, hp, hr)
                 out.backward(grad)
             finally:
-                T.BACKWARD_DOT_OPERANDS = "input"
+                proj_module.BACKWARD_DOT_OPERANDS = "input"
             for v in (x, phi, alpha, bias):
                 v.grad = None
         return step, ""

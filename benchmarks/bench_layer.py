@@ -63,7 +63,7 @@ def make_step(args, impl: str, variant: str, backend: str, recompute=None):
     block = build_block(args, impl, variant, kernel_set, recompute)
     if backend in ("triton-unlinked", "triton-fused"):
         from megatron_mhc.core.hyper_connection import HyperConnection
-        from megatron_mhc.kernels import triton_ops as ops
+        from megatron_mhc.kernels import triton as ops
 
         changed = dict(merge_linked_project=ops.merge_linked_project)
         if backend == "triton-unlinked":
@@ -72,16 +72,16 @@ def make_step(args, impl: str, variant: str, backend: str, recompute=None):
             if isinstance(module, HyperConnection):
                 module.ops = dataclasses.replace(module.ops, **changed)
     dot = "tf32" if backend == "triton-tf32" else "input"
-    from megatron_mhc.kernels import triton_ops
+    from megatron_mhc.kernels.triton import projection  # where BACKWARD_DOT_OPERANDS is read
     x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",
                     dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
     def step():
-        triton_ops.BACKWARD_DOT_OPERANDS = dot
+        projection.BACKWARD_DOT_OPERANDS = dot
         out = block(hidden_states=x, attention_mask=None)
         out.backward(grad)
-        triton_ops.BACKWARD_DOT_OPERANDS = "input"
+        projection.BACKWARD_DOT_OPERANDS = "input"
         x.grad = None
         for p in block.parameters():
             p.grad = None

@@ -98,10 +98,10 @@ def op_set(variant: str):
 def use_variant(model, variant: str) -> None:
     """Point every mHC layer and HyperConnection of ``model`` at ``variant``'s ops."""
     from megatron_mhc.core.hyper_connection import HyperConnection
-    from megatron_mhc.kernels import triton_ops
+    from megatron_mhc.kernels.triton import projection  # where BACKWARD_DOT_OPERANDS is read
 
     ops, dot = op_set(variant)
-    triton_ops.BACKWARD_DOT_OPERANDS = dot
+    projection.BACKWARD_DOT_OPERANDS = dot
     for module in model.modules():
         if isinstance(module, HyperConnection):
             module.ops = ops

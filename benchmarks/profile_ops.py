@@ -4,9 +4,10 @@
                                      [--path fused|linked|unlinked] [--ops-module MODULE ...]
 
 A diagnostic companion to bench_kernels.py: it shows which kernel of an op takes the time.
-``--ops-module`` profiles other copies of ``triton_ops`` too (e.g. a previous commit's
-``kernels/`` importable as ``base_kernels``: ``--ops-module base_kernels.triton_ops
-megatron_mhc.kernels.triton_ops``), one after the other per shape, for a before/after in one run.
+``--ops-module`` profiles other copies of the Triton ops too (e.g. a previous commit's
+``kernels/`` importable as ``base_kernels``: ``--ops-module base_kernels.triton
+megatron_mhc.kernels.triton``; a commit from before the split into one module per op has them in
+``base_kernels.triton_ops``), one after the other per shape, for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def main(argv=None):
     parser.add_argument("--path", choices=["fused", "linked", "unlinked"], default="fused",
                         help="fused: linked pair with cross-sublayer fusion (steady state); "
                              "linked: enter_linked + merge_linked; unlinked: enter + merge")
-    parser.add_argument("--ops-module", nargs="+", default=["megatron_mhc.kernels.triton_ops"],
-                        help="modules with the triton_ops interface to profile, in turn")
+    parser.add_argument("--ops-module", nargs="+", default=["megatron_mhc.kernels.triton"],
+                        help="modules with the Triton ops' interface to profile, in turn")
     parser.add_argument("--rounds", type=int, default=1,
                         help="profile every module this many times, interleaved")
     args = parser.parse_args(argv)
@@ -41,6 +42,16 @@ def main(argv=None):
             for name, ops in zip(args.ops_module, modules):
                 label = f"{name}, round {round_ + 1}" if len(modules) > 1 or args.rounds > 1 else ""
                 profile(args.tokens, args.n, hidden, args.repeat, args.path, ops, label)
+
+
+def _kernel(ops, name: str):
+    """The Triton kernel ``name`` of an ops module: in one of its op modules (``kernels/triton/``)
+    or, in a copy from before the split into one module per op, in its ``K`` (triton_kernels)."""
+    holders = [getattr(ops, "K", None)] + [getattr(ops, m, None) for m in ("projection", "merge")]
+    for holder in holders:
+        if holder is not None and hasattr(holder, name):
+            return getattr(holder, name)
+    return None
 
 
 def profile(tokens, n, hidden, repeat, path, ops, label=""):
@@ -96,7 +107,7 @@ def profile(tokens, n, hidden, repeat, path, ops, label=""):
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {name[:90]} | {us / repeat:.1f} | {counts[name] / repeat:.0f} |")
     for kernel_name in ("norm_proj_bwd_kernel", "post_res_proj_fwd_kernel"):
-        tuned = getattr(getattr(ops.K, kernel_name, None), "cache", None)
+        tuned = getattr(_kernel(ops, kernel_name), "cache", None)
         if tuned:  # the autotuner's pick per key (it can differ between runs and modules)
             picks = "; ".join(str(cfg) for cfg in tuned.values())
             print(f"{kernel_name} autotuned: {picks}")

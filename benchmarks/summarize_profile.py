@@ -9,7 +9,7 @@ iterations (``--profile-step-end`` minus ``--profile-step-start``). Kernels insi
 counted like the others (CUPTI reports them one by one). It prints:
 
 * GPU time per step by kind: the mHC Triton kernels (the ``*_kernel`` functions of
-  ``kernels/triton_kernels.py``), GEMMs, attention, norms, elementwise/copy kernels, optimizer
+  ``kernels/triton/*.py``), GEMMs, attention, norms, elementwise/copy kernels, optimizer
   kernels, NCCL, memcpy/memset, other; with each run's difference from the first run; then the
   GPU's busy time (overlapping kernels counted once) and idle time within the traced window,
   which is where host-bound stretches show;
@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import gzip
 import json
 import os
 import re
 import sys
 
-KERNELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels",
-                            "triton_kernels.py")
+KERNELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "triton")
 
 #: (kind, regular expression on the kernel name), first match wins; the mHC kind comes first.
 KINDS = [
@@ -43,10 +43,13 @@ KINDS = [
 ]
 
 
-def mhc_kernel_names(path: str = KERNELS_FILE) -> set:
-    """The names of the Triton kernels of this project (``def <name>_kernel(``)."""
-    with open(path) as f:
-        return set(re.findall(r"^def (\w+_kernel)\(", f.read(), flags=re.M))
+def mhc_kernel_names(folder: str = KERNELS_DIR) -> set:
+    """The names of the Triton kernels of this project (``def <name>_kernel(`` in its modules)."""
+    names = set()
+    for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
+        with open(path) as f:
+            names.update(re.findall(r"^def (\w+_kernel)\(", f.read(), flags=re.M))
+    return names
 
 
 def load_events(path: str) -> list:

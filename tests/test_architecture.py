@@ -116,8 +116,19 @@ def test_the_three_floors_are_there():
     for package in ("megatron_mhc.core", "megatron_mhc.training", "megatron_mhc.tools",
                     "megatron_mhc.kernels", "megatron_mhc.patches"):
         assert package in MODULES, package
-    assert (ROOT / "kernels" / "triton_kernels.py").is_file()
+    for op_package in ("triton", "tilelang"):  # kernels/<language>/<op>.py
+        assert (ROOT / "kernels" / op_package / "__init__.py").is_file(), op_package
     assert (ROOT / "patches" / "core_v0.19.0" / "megatron-mhc.patch").is_file()
+
+
+def test_the_kernel_layout_table_names_every_op_module():
+    """docs/performance.md's op -> module table names every module of ``kernels/triton/`` and
+    ``kernels/tilelang/`` (one module per op)."""
+    table = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    for language in ("triton", "tilelang"):
+        for path in sorted((ROOT / "kernels" / language).glob("*.py")):
+            if path.name != "__init__.py":
+                assert f"`kernels/{language}/{path.name}`" in table, path
 
 
 def test_imports_only_go_downward():

@@ -42,7 +42,7 @@ def _ddp_sublayer(fused, dtype):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_mhc.core.hyper_connection import HyperConnection
-    from megatron_mhc.kernels.triton_ops import TRITON_OPS
+    from megatron_mhc.kernels.triton import TRITON_OPS
 
     config = TransformerConfig(num_layers=1, hidden_size=C, num_attention_heads=1,
                                use_cpu_initialization=True, params_dtype=dtype,

@@ -49,7 +49,7 @@ def test_overlap_keeps_loss_and_gradients(megatron_cpu, block, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_merge_on_the_high_priority_stream_matches_and_orders_streams():
-    from megatron_mhc.kernels.triton_ops import post_res_merge
+    from megatron_mhc.kernels.triton import post_res_merge
 
     gen = torch.Generator(device="cuda").manual_seed(7)
     t, n, c = 512, 4, 1024

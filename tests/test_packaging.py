@@ -40,13 +40,15 @@ def test_sdist_and_wheel_hold_kernels_and_patches(built):
     assert f"megatron_mhc-{version}" in wheel.name
     with tarfile.open(sdist) as tar:
         names = tar.getnames()
-    for needed in ("kernels/triton_kernels.py", "patches/core_v0.19.0/megatron-mhc.patch",
+    for needed in ("kernels/triton/mappings.py", "kernels/tilelang/merge.py",
+                   "patches/core_v0.19.0/megatron-mhc.patch",
                    "patches/core_v0.19.0/pin.json", "pyproject.toml", "setup.py"):
         assert any(n.endswith(needed) for n in names), needed
     with zipfile.ZipFile(wheel) as whl:
         names = whl.namelist()
         entry_points = whl.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    for needed in ("megatron_mhc/kernels/triton_kernels.py", "megatron_mhc/kernels/triton_ops.py",
+    for needed in ("megatron_mhc/kernels/triton/__init__.py", "megatron_mhc/kernels/triton/_launch.py",
+                   "megatron_mhc/kernels/triton/mappings.py", "megatron_mhc/kernels/tilelang/merge.py",
                    "megatron_mhc/patches/core_v0.19.0/megatron-mhc.patch",
                    "megatron_mhc/patches/core_v0.19.0/pin.json",
                    "megatron_mhc/data/gutenberg_sample.txt.gz", "megatron_mhc/hooks.py"):
@@ -70,7 +72,7 @@ def test_wheel_in_a_fresh_venv_outside_the_tree(built, tmp_path):
     env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     probe = _run([python, "-c", """
 import torch, megatron_mhc
-from megatron_mhc.kernels.triton_ops import TRITON_OPS
+from megatron_mhc.kernels.triton import TRITON_OPS
 from megatron_mhc.core.ops import reference
 assert "/venv/" in megatron_mhc.__file__, megatron_mhc.__file__
 x, y = torch.randn(5, 3, 16), torch.randn(5, 16)
@@ -91,7 +93,7 @@ print("ok", megatron_mhc.__version__, megatron_mhc.__file__)
     assert version.stdout.strip() == f"megatron-mhc {megatron_mhc.__version__}"
     # In the repository root the source tree shadows the installed copy: it must still find the
     # kernels and the patch files (beside it, as the wheel has them inside).
-    shadow = _run([python, "-c", "import megatron_mhc, megatron_mhc.kernels.triton_ops; "
+    shadow = _run([python, "-c", "import megatron_mhc, megatron_mhc.kernels.triton; "
                    "from megatron_mhc.training.patching import patch_dir; "
                    "print(megatron_mhc.__file__, patch_dir())"], cwd=ROOT, env=env)
     assert shadow.stdout.startswith(str(ROOT / "megatron_mhc")), shadow.stdout

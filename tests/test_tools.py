@@ -274,7 +274,7 @@ def test_loss_curves_are_compared_with_the_reference_run(tmp_path):
 
 def test_profile_summary_sorts_gpu_time_by_kind(tmp_path):
     """benchmarks/summarize_profile.py on two hand-made Chrome traces: mHC kernels recognised by
-    their names in kernels/triton_kernels.py, per-step times, and the largest differences."""
+    their names in kernels/triton/*.py, per-step times, and the largest differences."""
     import gzip
     import subprocess
     import sys

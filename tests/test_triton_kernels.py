@@ -120,7 +120,7 @@ def _seed(name):
 
 
 def _ops():
-    from megatron_mhc.kernels.triton_ops import TRITON_OPS
+    from megatron_mhc.kernels.triton import TRITON_OPS
 
     return TRITON_OPS
 
@@ -129,7 +129,7 @@ def _fusing_ops():
     """The Triton ops with the cross-sublayer fusion op (off by default in the set)."""
     import dataclasses
 
-    from megatron_mhc.kernels import triton_ops
+    from megatron_mhc.kernels import triton as triton_ops
 
     return dataclasses.replace(triton_ops.TRITON_OPS,
                                merge_linked_project=triton_ops.merge_linked_project)
@@ -268,7 +268,7 @@ def test_post_res_merge(dtype, n, c):
 def test_merge_into_equals_the_merge_in_place_too(dtype):
     """``merge_into`` (the recompute's rebuild) writes ``post_res_merge``'s value bit for bit,
     into a separate buffer or over ``x`` itself; ``x``'s shape [s, b, n, C] is kept."""
-    from megatron_mhc.kernels.triton_ops import merge_into
+    from megatron_mhc.kernels.triton import merge_into
 
     s, b, n, c = 3, 2, 4, 600
     x = _randn(s, b, n, c, seed=11, dtype=dtype)
@@ -387,7 +387,7 @@ def test_mhc_gpt_with_triton_backend_matches_torch_backend(megatron_cpu):
         model = build_tiny_gpt(settings, MHCConfig(expansion_rate=4, kernel_backend=backend))
         model.to(DEVICE)
         if backend == "triton":
-            from megatron_mhc.kernels.triton_ops import merge_linked_project as project
+            from megatron_mhc.kernels.triton import merge_linked_project as project
 
             def counted(*args, project=project):
                 fused_merges[-1] += 1
@@ -425,7 +425,7 @@ def test_tilelang_backend_post_res_merge(n, c):
 
     if not tilelang_availability().available:
         pytest.skip(tilelang_availability().reason)
-    from megatron_mhc.kernels.tilelang_ops import TILELANG_OPS
+    from megatron_mhc.kernels.tilelang import TILELANG_OPS
 
     t = 64
     x = _randn(t, n, c, seed=n * c, dtype=torch.bfloat16)
@@ -629,8 +629,8 @@ def test_entry_backward_in_one_launch_equals_the_two_launch_path():
     (``pre_mappings_bwd_kernel``) gives what the separate dH_pre pass + ``mappings_bwd_kernel``
     give, to float32 rounding (dH_pre is summed over C in other blocks), with C-block partials of
     dH_post / dH_res as the linked merge leaves them."""
-    from megatron_mhc.kernels import triton_kernels as K
-    from megatron_mhc.kernels import triton_ops as O
+    from megatron_mhc.kernels.triton import mappings as O
+    from megatron_mhc.kernels.triton.pre_apply import pre_apply_bwd_kernel
 
     n, c, t, m, cb = 4, 300, 19, 24, 3
     x = _randn(t, n, c, seed=31)
@@ -645,7 +645,7 @@ def test_entry_backward_in_one_launch_equals_the_two_launch_path():
     one = O._mappings_backward(saved, n, True, 20, dtypes, None, dh_post, dh_res, cb=cb,
                                d_agg=d_agg, h_pre=h_pre, dx_add=dx_add)
     dh_pre = torch.empty(t, n, device=DEVICE)
-    K.pre_apply_bwd_kernel[(t,)](saved[0], h_pre, d_agg, saved[0], dh_pre, t, c, N=n, NP=4,
+    pre_apply_bwd_kernel[(t,)](saved[0], h_pre, d_agg, saved[0], dh_pre, t, c, N=n, NP=4,
                                  BT=1, BC=64, WRITE_DX=False)
     two = O._mappings_backward(saved, n, True, 20, dtypes, dh_pre, dh_post, dh_res, cb=cb,
                                d_agg=d_agg, h_pre=h_pre, dx_add=dx_add)
@@ -656,7 +656,7 @@ def test_entry_backward_in_one_launch_equals_the_two_launch_path():
 def test_launch_shape_rules():
     """The merge tile divides C where a power of two of 128..512 does (no masked lanes), with
     one warp per 128 channels; the projection pass takes its small launch only for small grids."""
-    from megatron_mhc.kernels import triton_ops as O
+    from megatron_mhc.kernels import triton as O
 
     for c, bc in ((768, 256), (1024, 512), (4096, 512), (7168, 512), (640, 128), (1000, 128)):
         assert O.merge_tile(c) == (2, bc, bc // 128), c
@@ -688,9 +688,9 @@ def test_mapping_backward_gemm_operands_on_gpu(operands, monkeypatch):
     realistic width: every gradient against the float64 reference; errors go to the report."""
     from fixtures.gpu import report
 
-    from megatron_mhc.kernels import triton_ops
+    from megatron_mhc.kernels.triton import projection
 
-    monkeypatch.setattr(triton_ops, "BACKWARD_DOT_OPERANDS", operands)
+    monkeypatch.setattr(projection, "BACKWARD_DOT_OPERANDS", operands)
     n, c, t = 4, 2048, 512
     m = n * n + 2 * n
     x = _randn(t, n, c, seed=11, dtype=torch.bfloat16)
@@ -712,9 +712,10 @@ def test_mapping_backward_gemm_operands_on_gpu(operands, monkeypatch):
 def test_unknown_backward_gemm_operands_are_refused(monkeypatch):
     """A bad MHC_BACKWARD_DOT_OPERANDS is an error naming it and the allowed values, also where
     the interpreter or float32 inputs would not use the setting (never a silent fallback)."""
-    from megatron_mhc.kernels import triton_ops
+    from megatron_mhc.kernels import triton as triton_ops
+    from megatron_mhc.kernels.triton import projection
 
-    monkeypatch.setattr(triton_ops, "BACKWARD_DOT_OPERANDS", "fp8")
+    monkeypatch.setattr(projection, "BACKWARD_DOT_OPERANDS", "fp8")
     n, c, t = 2, 16, 3
     x = _randn(t, n, c, seed=21).requires_grad_(True)
     phi = _randn(n * c, n * n + 2 * n, seed=22, scale=0.2)
@@ -731,7 +732,7 @@ def test_unknown_cross_sublayer_fusion_switch_is_refused():
     import sys
 
     env = dict(os.environ, MHC_CROSS_SUBLAYER_FUSION="yes")
-    done = subprocess.run([sys.executable, "-c", "import megatron_mhc.kernels.triton_ops"],
+    done = subprocess.run([sys.executable, "-c", "import megatron_mhc.kernels.triton"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "MHC_CROSS_SUBLAYER_FUSION='yes': allowed 0, 1" in done.stderr

@@ -116,11 +116,11 @@ def get_backend_ops(name: str):
 
         return TORCH_OPS
     if name == "triton":
-        from megatron_mhc.kernels.triton_ops import TRITON_OPS
+        from megatron_mhc.kernels.triton import TRITON_OPS
 
         return TRITON_OPS
     if name == "tilelang":
-        from megatron_mhc.kernels.tilelang_ops import TILELANG_OPS
+        from megatron_mhc.kernels.tilelang import TILELANG_OPS
 
         return TILELANG_OPS
     raise ValueError(f"unknown mHC kernel backend {name!r}; allowed: torch, triton, tilelang")

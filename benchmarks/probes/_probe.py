@@ -1,9 +1,15 @@
 """Shared helpers of the kernel probes (``probe_*.py``): the GPU check, timing in microseconds,
-and ``bench_kernels.py``'s copy bandwidth (the probes' byte-floor rate)."""
+and ``bench_kernels.py``'s copy bandwidth (the probes' byte-floor rate). ``bench_kernels.py`` is
+in the folder above (``benchmarks/``), which this puts on ``sys.path``."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_kernels import bench, copy_bandwidth
 
 __all__ = ["copy_bandwidth", "require_gpu", "time_us"]

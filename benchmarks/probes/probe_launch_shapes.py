@@ -1,12 +1,12 @@
 """Time the bandwidth-bound mHC kernels over launch shapes at small and large (T, C) on a GPU.
 
-    python3 benchmarks/probe_launch_shapes.py [--shapes 4096x768 8192x4096] [--n 4]
+    python3 benchmarks/probes/probe_launch_shapes.py [--shapes 4096x768 8192x4096] [--n 4]
 
 For each kernel (merge forward / backward, dH_pre pass, mapping forward with the pre-apply, the
 projection pass, the dH_pre pass + mapping backward, the dx/dphi pass) and each candidate launch
 (tile, warps, splits), prints the median time (L2 flushed before every run) and the % of the
 kernel's byte floor (bytes / copy bandwidth). The launch the ops make today (the launch helpers
-and constants of ``kernels/triton_ops.py``: ``merge_tile``, ``projection_plan``,
+and constants of ``megatron_mhc.kernels.triton``: ``merge_tile``, ``projection_plan``,
 ``PRE_MAPPINGS_BWD_TILE``, ``dx_pass_splits``) is marked "(launched)", so a shape rule can be
 checked against its alternatives.
 """
@@ -20,8 +20,19 @@ import torch
 import triton
 from _probe import copy_bandwidth, require_gpu, time_us
 
-from megatron_mhc.kernels import triton_kernels as K
-from megatron_mhc.kernels import triton_ops as O
+from megatron_mhc.kernels import triton as O
+from megatron_mhc.kernels.triton.mappings import (
+    mappings_bwd_kernel,
+    mappings_fwd_kernel,
+    pre_mappings_bwd_kernel,
+)
+from megatron_mhc.kernels.triton.merge import post_res_bwd_kernel, post_res_fwd_kernel
+from megatron_mhc.kernels.triton.pre_apply import pre_apply_bwd_kernel
+from megatron_mhc.kernels.triton.projection import (
+    _projection_splits,
+    norm_proj_bwd_kernel,
+    proj_partial_kernel,
+)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -63,7 +74,7 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
         if bc > triton.next_power_of_2(c):
             continue
         us = time_us(functools.partial(
-            K.post_res_fwd_kernel[(cdiv(t, bt), cdiv(c, bc))], x, y, hp, hr, out, t, c,
+            post_res_fwd_kernel[(cdiv(t, bt), cdiv(c, bc))], x, y, hp, hr, out, t, c,
             N=n, NP=np_, BT=bt, BC=bc, num_warps=w))
         row("post_res_fwd", t, c, f"BT {bt}, BC {bc}, {w} warps", us,
             floor(t * (2 * n + 1) * c * 2), (bt, bc, w) == launched)
@@ -75,7 +86,7 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
         dhp = torch.empty(t, cb, n, device=dev)
         dhr = torch.empty(t, cb, n, n, device=dev)
         us = time_us(functools.partial(
-            K.post_res_bwd_kernel[(cdiv(t, bt), cb)], x, y, hp, hr, d_out, dx, dy, dhp, dhr,
+            post_res_bwd_kernel[(cdiv(t, bt), cb)], x, y, hp, hr, d_out, dx, dy, dhp, dhr,
             t, c, cb, N=n, NP=np_, BT=bt, BC=bc, num_warps=w))
         row("post_res_bwd", t, c, f"BT {bt}, BC {bc}, {w} warps", us,
             floor(t * ((3 * n + 2) * c * 2 + cb * (n + n * n) * 4)), (bt, bc, w) == launched)
@@ -85,7 +96,7 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
         if bc > triton.next_power_of_2(c):
             continue
         us = time_us(functools.partial(
-            K.pre_apply_bwd_kernel[(cdiv(t, bt),)], x, hp, d_agg, x, dh, t, c,
+            pre_apply_bwd_kernel[(cdiv(t, bt),)], x, hp, d_agg, x, dh, t, c,
             N=n, NP=np_, BT=bt, BC=bc, WRITE_DX=False, num_warps=w))
         row("pre_apply_bwd (dH_pre)", t, c, f"BT {bt}, BC {bc}, {w} warps", us,
             floor(t * (n + 1) * c * 2), (bt, bc, w) == launched)
@@ -96,16 +107,16 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
     plans = sorted({(64, 128, 2048, 8, 3), (64, 128, 1024, 8, 3), (64, 128, 512, 8, 3),
                     (32, 128, 1024, 4, 3), (32, 128, 512, 4, 3), (64, 64, 512, 4, 3), plan})
     for bt, bk, per_split, w, st in plans if "proj" in only else ():
-        split, k_per_split = O._projection_splits(kdim, bk, per_split)
+        split, k_per_split = _projection_splits(kdim, bk, per_split)
         part = torch.empty(split, t, m, device=dev)
         ss = torch.empty(split, t, device=dev)
         us = time_us(functools.partial(
-            K.proj_partial_kernel[(cdiv(t, bt), split)], x2, phi, part, ss, t, kdim, k_per_split,
+            proj_partial_kernel[(cdiv(t, bt), split)], x2, phi, part, ss, t, kdim, k_per_split,
             M=m, BM=bm, BT=bt, BK=bk, DOT_MODE=0, num_warps=w, num_stages=st))
         row("proj_partial", t, c, f"BT {bt}, BK {bk}, {split} splits, {w} warps, {st} stages",
             us, floor(t * (kdim * 2 + split * (m + 1) * 4)), (bt, bk, per_split, w, st) == plan)
     # Mapping forward + pre-apply: read the partials and x, write agg (+ mappings, small).
-    split, _ = O._projection_splits(kdim, plan[1], plan[2])
+    split, _ = _projection_splits(kdim, plan[1], plan[2])
     part = torch.randn(split, t, m, device=dev)
     ss = torch.rand(split, t, device=dev) + 1.0
     alpha, bias = torch.full((3,), 0.5, device=dev), torch.randn(m, device=dev)
@@ -119,7 +130,7 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
         if bc > triton.next_power_of_2(c):
             continue
         us = time_us(functools.partial(
-            K.mappings_fwd_kernel[(cdiv(t, bt),)], part, ss, alpha, bias, proj, rinv, h_pre,
+            mappings_fwd_kernel[(cdiv(t, bt),)], part, ss, alpha, bias, proj, rinv, h_pre,
             h_post, h_res, x2, agg, t, kdim, c, 1e-6, SPLIT=split, N=n, NP=np_, M=m, BM=bm,
             VARIANT_MHC=True, ITERS=20, BT=bt, WITH_PRE=True, BC=bc, num_warps=w))
         row("mappings_fwd + pre-apply", t, c, f"BT {bt}, BC {bc}, {w} warps", us,
@@ -140,9 +151,9 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
     pbt, pbc, pw = O.merge_tile(c)
 
     def two_launches():
-        K.pre_apply_bwd_kernel[(cdiv(t, pbt),)](x, hp, d_agg, x, dh, t, c, N=n, NP=np_, BT=pbt,
+        pre_apply_bwd_kernel[(cdiv(t, pbt),)](x, hp, d_agg, x, dh, t, c, N=n, NP=np_, BT=pbt,
                                                 BC=pbc, WRITE_DX=False, num_warps=pw)
-        K.mappings_bwd_kernel[(g2,)](proj, rinv, alpha, bias, dh, dh_post, dh_res, dproj, coef,
+        mappings_bwd_kernel[(g2,)](proj, rinv, alpha, bias, dh, dh_post, dh_res, dproj, coef,
                                      *parts2, scratch, t, kdim, cb, N=n, NP=np_, M=m,
                                      VARIANT_MHC=True, ITERS=20, BT=mbt, num_warps=mw)
     if "pre_mappings" in only:
@@ -159,7 +170,7 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
         g = cdiv(t, bt)
         parts = (torch.empty(g, 3, device=dev), torch.empty(g, m, device=dev))
         us = time_us(functools.partial(
-            K.pre_mappings_bwd_kernel[(g,)], x, d_agg, proj, rinv, alpha, bias, dh_post, dh_res,
+            pre_mappings_bwd_kernel[(g,)], x, d_agg, proj, rinv, alpha, bias, dh_post, dh_res,
             dproj, coef, *parts, scratch, t, kdim, c, cb, N=n, NP=np_, M=m, VARIANT_MHC=True,
             ITERS=20, BT=bt, BC=bc, num_warps=w))
         row("pre_mappings_bwd (one launch)", t, c, f"BT {bt}, BC {bc}, {w} warps", us, pre_floor,
@@ -173,10 +184,10 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
         splits, rows = O.dx_pass_splits(t, asked)
         dphi_part = torch.empty(splits, kdim, m, device=dev)
         dalpha_split, dbias_split = torch.empty(splits, 3, device=dev), torch.empty(splits, m, device=dev)
-        for cfg in K.norm_proj_bwd_kernel.configs:
+        for cfg in norm_proj_bwd_kernel.configs:
             bk, bt = cfg.kwargs["BK"], cfg.kwargs["BT"]
             us = time_us(functools.partial(
-                K.norm_proj_bwd_kernel.fn[(cdiv(kdim, bk), splits)], x2, phi, dproj, coef, x2,
+                norm_proj_bwd_kernel.fn[(cdiv(kdim, bk), splits)], x2, phi, dproj, coef, x2,
                 dphi_part, hp, d_agg, x2, dalpha_part, dbias_part, dalpha_split, dbias_split,
                 t, kdim, c, rows, g, N=n, M=m, BM=bm, DOT_MODE=0, WITH_PRE=True, ADD_DX=True,
                 BT=bt, BK=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages))

@@ -1,18 +1,11 @@
-"""The ``tilelang`` backend: DeepSeek's TileKernels (``tile-kernels``) where it has the op.
-
-TileKernels ships TileLang kernels for the post/residual merge (forward and backward), which this
-backend uses; for the fused entry op (mappings + pre-apply, with the Sinkhorn on chip) TileKernels
-has no single matching op, so the project's Triton kernels serve it. TileKernels' merge computes
-``out = comb^T @ residual + post * x``: it is given ``comb = H_res^T``.
+"""The post/residual merge on DeepSeek's TileKernels (``tile-kernels``): its TileLang kernels for
+the forward and backward. TileKernels' merge computes ``out = comb^T @ residual + post * x``: it is
+given ``comb = H_res^T``.
 """
 
 from __future__ import annotations
 
 import torch
-
-from megatron_mhc.core.ops import reference
-from megatron_mhc.core.ops.opset import MHCOps
-from megatron_mhc.kernels import triton_ops
 
 
 def _tile_kernels_mhc():
@@ -64,14 +57,3 @@ def post_res_merge(x, y, h_post, h_res):
     """TileKernels ``post_res_merge`` (see ``megatron_mhc.core.ops.reference.post_res_merge``)."""
     _check(x, x.shape[-1])
     return _PostResTileKernels.apply(x, y.to(x.dtype), h_post, h_res)
-
-
-TILELANG_OPS = MHCOps(
-    name="tilelang",
-    compute_mappings=triton_ops.compute_mappings,
-    enter=triton_ops.enter,
-    pre_apply=triton_ops.pre_apply,
-    post_res_merge=post_res_merge,
-    expand_streams=reference.expand_streams,
-    merge_streams=reference.merge_streams,
-)

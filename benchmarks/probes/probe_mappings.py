@@ -1,14 +1,14 @@
 """Time the per-token mapping kernels (Sinkhorn forward + pre-apply, Sinkhorn backward) over
 tile shapes on a GPU: tokens per program (BT) and warps.
 
-    python3 benchmarks/probe_mappings.py [--tokens 4096 8192] [--hidden 768 4096]
+    python3 benchmarks/probes/probe_mappings.py [--tokens 4096 8192] [--hidden 768 4096]
 
 Both kernels do per-token work (20 Sinkhorn iterations on an n x n tile) that is latency-bound
 at small token counts; the mapping forward also reads x once for the pre-apply (its byte floor:
 read x, write agg). Prints the median time per shape; the shape the ops launch
-(``MAPPINGS_FWD_TILE`` / ``MAPPINGS_BWD_TILE`` in ``kernels/triton_ops.py``) is marked "(launched)".
-The first rows, (4, 4) forward and (16, 4) backward, were the launches before the sixth part of
-issue 14.
+(``MAPPINGS_FWD_TILE`` / ``MAPPINGS_BWD_TILE`` in ``kernels/triton/mappings.py``) is marked
+"(launched)". The first rows, (4, 4) forward and (16, 4) backward, were the launches before the
+sixth part of issue 14.
 """
 
 import argparse
@@ -18,8 +18,9 @@ import torch
 import triton
 from _probe import copy_bandwidth, require_gpu, time_us
 
-from megatron_mhc.kernels import triton_kernels as K
-from megatron_mhc.kernels import triton_ops
+from megatron_mhc.kernels import triton as triton_ops
+from megatron_mhc.kernels.triton.mappings import mappings_bwd_kernel, mappings_fwd_kernel
+from megatron_mhc.kernels.triton.projection import _project
 
 FWD_SHAPES = [(4, 4), (4, 2), (4, 1), (2, 1), (8, 4), (8, 2), (16, 4)]
 BWD_SHAPES = [(16, 4), (16, 2), (16, 1), (8, 1), (4, 1), (8, 2), (32, 4), (32, 2)]
@@ -55,7 +56,7 @@ def main():
             phi = (0.02 * torch.randn(n * c, m, device=dev)).to(torch.bfloat16)
             alpha = torch.full((3,), 0.5, device=dev)
             bias = torch.randn(m, device=dev)
-            proj_part, ss_part = triton_ops._project(x.view(t, n * c), phi, m)
+            proj_part, ss_part = _project(x.view(t, n * c), phi, m)
             split = proj_part.shape[0]
             proj = torch.empty(t, m, device=dev)
             rinv = torch.empty(t, device=dev)
@@ -64,7 +65,7 @@ def main():
             agg = torch.empty(t, c, device=dev, dtype=x.dtype)
             floor = (x.numel() + agg.numel()) * 2 / bw * 1e6
             for bt, warps in FWD_SHAPES:
-                launch = K.mappings_fwd_kernel[(cdiv(t, bt),)]
+                launch = mappings_fwd_kernel[(cdiv(t, bt),)]
                 us = time_us(functools.partial(
                     launch, proj_part, ss_part, alpha, bias, proj, rinv, h_pre, h_post, h_res,
                     x, agg, t, n * c, c, 1e-6, SPLIT=split, N=n, NP=np_, M=m,
@@ -85,7 +86,7 @@ def main():
                 dalpha_part = torch.empty(blocks, 3, device=dev)
                 dbias_part = torch.empty(blocks, m, device=dev)
                 us = time_us(functools.partial(
-                    K.mappings_bwd_kernel[(blocks,)], proj, rinv, alpha, bias, dh_pre, dh_post,
+                    mappings_bwd_kernel[(blocks,)], proj, rinv, alpha, bias, dh_pre, dh_post,
                     dh_res, dproj, coef, dalpha_part, dbias_part, scratch, t, n * c, cb, N=n,
                     NP=np_, M=m, VARIANT_MHC=True, ITERS=iters, BT=bt, num_warps=warps))
                 print(f"| mappings_bwd | {t} | {c} | {bt} | {warps}"

@@ -1,6 +1,6 @@
 """Tile shapes of the merge + next-projection kernel (``post_res_proj_fwd_kernel``) on a GPU.
 
-    python benchmarks/probe_merge_project.py [--tokens 8192] [--hidden 4096 7168]
+    python benchmarks/probes/probe_merge_project.py [--tokens 8192] [--hidden 4096 7168]
 
 Times the kernel alone for each (BT, BC, warps, stages, channels per split) against the plain
 merge kernel and the floor (x, y read once, out written once), to choose the tuned configs.
@@ -23,7 +23,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit(f"{__file__.rsplit('/', 1)[-1]} needs a CUDA GPU")
-    from megatron_mhc.kernels import triton_kernels as K
+    from megatron_mhc.kernels.triton.merge import post_res_fwd_kernel, post_res_proj_fwd_kernel
 
     n, m, t = 4, 24, args.tokens
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")  # noqa: E731
@@ -35,7 +35,7 @@ def main(argv=None):
         phi = (torch.randn(n * c, m, device="cuda") * 0.01).to(torch.bfloat16)
         out = torch.empty_like(x)
         floor_us = (2 * n * c + c) * 2 * t / 3.0e12 * 1e6
-        plain = bench(partial(K.post_res_fwd_kernel[(t // 2, c // 512)],
+        plain = bench(partial(post_res_fwd_kernel[(t // 2, c // 512)],
                               x, y, hp, hr, out, t, c, N=n, NP=n, BT=2, BC=512, num_warps=4)) * 1e3
         print(f"C={c}: floor {floor_us:.0f} us at 3.0 TB/s; plain merge kernel {plain:.0f} us",
               flush=True)
@@ -49,7 +49,7 @@ def main(argv=None):
             split = -(-c // per)
             part = torch.empty(split, t, m, device="cuda")
             ss = torch.empty(split, t, device="cuda")
-            launch = partial(K.post_res_proj_fwd_kernel.fn[(-(-t // bt), split)],
+            launch = partial(post_res_proj_fwd_kernel.fn[(-(-t // bt), split)],
                              x, y, hp, hr, out, phi, part, ss, t, c, per, N=n, M=m, BM=32,
                              DOT_MODE=0, BT=bt, BC=bc, num_warps=warps, num_stages=stages)
             try:

@@ -1,6 +1,6 @@
 """Time every autotune config of norm_proj_bwd_kernel (entry backward's dx/dphi pass) on a GPU.
 
-    python3 benchmarks/probe_norm_proj_bwd.py [--tokens 8192] [--hidden 4096 7168]
+    python3 benchmarks/probes/probe_norm_proj_bwd.py [--tokens 8192] [--hidden 4096 7168]
 
 Prints, per C and per tile config, the median time and % of the pass's byte floor (read x,
 d_agg, write dx; dphi partials omitted), so the autotuner's choice can be checked.
@@ -12,8 +12,8 @@ import torch
 import triton
 from _probe import copy_bandwidth, require_gpu
 
-from megatron_mhc.kernels import triton_kernels as K
-from megatron_mhc.kernels.triton_ops import PRE_MAPPINGS_BWD_TILE, dx_pass_splits
+from megatron_mhc.kernels.triton import PRE_MAPPINGS_BWD_TILE, dx_pass_splits
+from megatron_mhc.kernels.triton.projection import norm_proj_bwd_kernel
 
 
 def cdiv(a: int, b: int) -> int:
@@ -28,8 +28,8 @@ def main():
     args = parser.parse_args()
     require_gpu("probe_norm_proj_bwd.py")
     bw = copy_bandwidth()
-    kernel = K.norm_proj_bwd_kernel.fn  # the jitted kernel under the autotuner
-    configs = K.norm_proj_bwd_kernel.configs
+    kernel = norm_proj_bwd_kernel.fn  # the jitted kernel under the autotuner
+    configs = norm_proj_bwd_kernel.configs
     n, t = args.n, args.tokens
     m = n * n + 2 * n
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; T={t} n={n}")

@@ -3,7 +3,7 @@ whole and by part: the dphi programs alone (each sums the T-split partials of BK
 and the alpha/bias program alone (sums the per-split partials the dx pass made of the mapping
 backward's per-token-block partials), over BK.
 
-    python3 benchmarks/probe_param_grads.py [--shapes 4096x768 8192x4096 8192x7168]
+    python3 benchmarks/probes/probe_param_grads.py [--shapes 4096x768 8192x4096 8192x7168]
 
 Shapes are tokens x C (n = 4), with the split and block counts the ops use. Prints the median
 time of each launch and the bytes it reads against the copy bandwidth (its byte floor).
@@ -16,8 +16,8 @@ import torch
 import triton
 from _probe import copy_bandwidth, require_gpu, time_us
 
-from megatron_mhc.kernels import triton_kernels as K
-from megatron_mhc.kernels.triton_ops import dx_pass_splits
+from megatron_mhc.kernels.triton import dx_pass_splits
+from megatron_mhc.kernels.triton.projection import param_grads_kernel
 
 
 def cdiv(a: int, b: int) -> int:
@@ -25,7 +25,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def launch(grid, tensors, k, splits, m, bk):
-    K.param_grads_kernel[grid](*tensors, k, splits, M=m, BM=triton.next_power_of_2(max(m, 16)),
+    param_grads_kernel[grid](*tensors, k, splits, M=m, BM=triton.next_power_of_2(max(m, 16)),
                                BK=bk, SP=triton.next_power_of_2(splits), ACCUMULATE=False,
                                num_warps=4)
 

@@ -1,0 +1,88 @@
+"""Autograd-wired Triton mHC ops with the reference ops' signatures (``TRITON_OPS``).
+
+Each op is one ``torch.autograd.Function`` whose forward and backward are fused Triton kernels;
+every one is tested against ``megatron_mhc.core.ops.reference`` in float64 terms under
+``TRITON_INTERPRET=1`` on CPU. Stream expand/merge stay on PyTorch (a single copy kernel and a
+single reduction kernel each, already at copy bandwidth).
+
+One module per op, its kernels beside its autograd wiring:
+
+============== ===========================================================================
+module         what it holds
+============== ===========================================================================
+``projection`` norm + projection of the stream: split-K partials forward, the dx/dphi pass
+               and the parameter-grad reduction backward; ``StreamProjection``,
+               ``project_stream``, ``projection_plan``, ``dx_pass_splits``,
+               ``BACKWARD_DOT_OPERANDS`` (``MHC_BACKWARD_DOT_OPERANDS``)
+``mappings``   gates + Sinkhorn per token, forward and backward (also the entry's variants
+               with the pre-apply folded in); ``compute_mappings``, the mapping tiles
+``entry``      ``enter``, ``enter_linked``, ``SublayerLink`` (autograd only: its kernels are
+               those of ``projection`` and ``mappings``)
+``pre_apply``  ``pre_apply``
+``merge``      ``post_res_merge``, ``merge_linked``, ``merge_linked_project``, ``merge_into``,
+               ``merge_tile``
+``_launch``    shared: dtype rules, launch arithmetic, ``_dot_acc``
+============== ===========================================================================
+
+The public names are re-exported here. A module-level setting is read where it is defined:
+change ``BACKWARD_DOT_OPERANDS`` on ``megatron_mhc.kernels.triton.projection``, not here.
+"""
+
+import os
+
+from megatron_mhc.core.ops import reference
+from megatron_mhc.core.ops.opset import MHCOps
+from megatron_mhc.kernels.triton.entry import SublayerLink, enter, enter_linked
+from megatron_mhc.kernels.triton.mappings import (
+    MAPPINGS_BWD_TILE,
+    MAPPINGS_FWD_TILE,
+    MAPPINGS_PRE_BLOCK,
+    PRE_MAPPINGS_BWD_TILE,
+    compute_mappings,
+)
+from megatron_mhc.kernels.triton.merge import (
+    merge_into,
+    merge_linked,
+    merge_linked_project,
+    merge_tile,
+    post_res_merge,
+)
+from megatron_mhc.kernels.triton.pre_apply import pre_apply
+from megatron_mhc.kernels.triton.projection import (
+    PROJECTION_SMALL_GRID,
+    StreamProjection,
+    dx_pass_splits,
+    project_stream,
+    projection_plan,
+)
+
+__all__ = [
+    "CROSS_SUBLAYER_FUSION", "MAPPINGS_BWD_TILE", "MAPPINGS_FWD_TILE", "MAPPINGS_PRE_BLOCK",
+    "PRE_MAPPINGS_BWD_TILE", "PROJECTION_SMALL_GRID", "StreamProjection", "SublayerLink",
+    "TRITON_OPS", "compute_mappings", "dx_pass_splits", "enter", "enter_linked", "merge_into",
+    "merge_linked", "merge_linked_project", "merge_tile", "post_res_merge", "pre_apply",
+    "project_stream", "projection_plan",
+]
+
+#: Cross-sublayer fusion in the layer (``MHC_CROSS_SUBLAYER_FUSION=1``): off by default, because
+#: its merge + projection kernel is slower than the merge and projection kernels it replaces
+#: (H100, C=4096: 623 us against the merge's 216 us in the same run, plus 106 us for the
+#: projection pass in another; benchmarks/RESULTS.md). The ops themselves are
+#: always available here (``merge_linked_project``, ``enter_linked(..., projection=...)``).
+CROSS_SUBLAYER_FUSION = os.environ.get("MHC_CROSS_SUBLAYER_FUSION", "0")
+if CROSS_SUBLAYER_FUSION not in ("0", "1"):
+    raise ValueError(f"MHC_CROSS_SUBLAYER_FUSION={CROSS_SUBLAYER_FUSION!r}: allowed 0, 1")
+
+TRITON_OPS = MHCOps(
+    name="triton",
+    compute_mappings=compute_mappings,
+    enter=enter,
+    pre_apply=pre_apply,
+    post_res_merge=post_res_merge,
+    expand_streams=reference.expand_streams,
+    merge_streams=reference.merge_streams,
+    enter_linked=enter_linked,
+    merge_linked=merge_linked,
+    merge_linked_project=merge_linked_project if CROSS_SUBLAYER_FUSION == "1" else None,
+    merge_into=merge_into,
+)
