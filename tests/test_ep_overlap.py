@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+from fixtures.gpu import destroy_gpu_megatron, init_gpu_megatron, requires_cuda
 
 from megatron_mhc import MHCConfig
 from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
@@ -96,7 +97,7 @@ def _grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _layer_plans(model, mask):
+def _layer_plans(model, mask, streams=None):
     from megatron.core.models.common.model_chunk_schedule_plan import (
         ModelChunkState,
         TransformerLayerSchedulePlan,
@@ -107,14 +108,14 @@ def _layer_plans(model, mask):
     chunk.rotary_pos_emb = chunk.rotary_pos_cos = chunk.rotary_pos_sin = None
     chunk.packed_seq_params = chunk.sequence_len_offset = None
     chunk.model = model
-    event = _NoStream()
-    return [TransformerLayerSchedulePlan(layer, event, chunk, _NoStream, _NoStream,
+    comp, comm, event = streams or (_NoStream(), _NoStream(), _NoStream())
+    return [TransformerLayerSchedulePlan(layer, event, chunk, lambda: comp, lambda: comm,
                                          extra_args={"is_first_layer": i == 0,
                                                      "is_last_layer": False})
             for i, layer in enumerate(model.decoder.layers)]
 
 
-def _ep_overlap(model, batches):
+def _ep_overlap(model, batches, streams=None):
     """Two micro-batches through Megatron's layer schedule plans: F(1); F(2) layer i with B(1)
     layer L-1-i; B(2). Returns the losses and gradients."""
     from megatron.core.models.common.model_chunk_schedule_plan import (
@@ -126,14 +127,28 @@ def _ep_overlap(model, batches):
     for tokens in batches:
         ids, pos, labels, mask = causal_lm_inputs(tokens)
         embedded = model.embedding(ids, pos)
-        micro.append(dict(labels=labels, embedded=embedded, plans=_layer_plans(model, mask)))
+        micro.append(dict(labels=labels, embedded=embedded,
+                          plans=_layer_plans(model, mask, streams)))
 
+    event = streams[2] if streams else _NoStream()
+
+    def on_current_stream(fn):
+        # As a schedule node: wait for the nodes before, and let the nodes after wait for this.
+        def run_ordered(*args):
+            current = torch.cuda.current_stream() if streams else None
+            event.wait(current)
+            fn(*args)
+            event.record(current)
+        return run_ordered
+
+    @on_current_stream
     def finish_forward(m, hidden):
         # The head runs in its own graph, as PostProcessNode's: the last layer's output detached.
         m["last"] = hidden.detach().requires_grad_()
         m["loss"] = _head_loss(model, m["last"], m["labels"])
         m["loss"].backward()
 
+    @on_current_stream
     def finish_backward(m, grad):
         m["embedded"].backward(grad)  # the first node's input grad, into the embedding
 
@@ -195,3 +210,45 @@ def test_ep_overlap_schedule_equals_transformer_block_forward(cpu_schedule, case
     for name, grad in grads0.items():
         error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
         assert error <= 1e-5, f"{name}: relative gradient error {error:.3g}"
+
+
+@pytest.fixture
+def gpu_schedule(monkeypatch):
+    """One GPU, Megatron's schedule nodes on real CUDA streams: compute on the default stream,
+    dispatch / combine (and so the MLP merge) on a second stream, ordered by one CUDA event."""
+    from megatron.core.models.common.utils import TransformerLayerNode
+
+    init_gpu_megatron(29531)
+    monkeypatch.setattr(TransformerLayerNode, "_resolve_free_input",
+                        staticmethod(lambda *_: False))  # one EP rank: see cpu_schedule
+    yield
+    destroy_gpu_megatron()
+
+
+def _cuda_batches(num: int):
+    return [tokens.cuda() for tokens in _batches(num)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("moe", [True, False])
+def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, backend, moe):
+    """The same comparison on a GPU, the combine node (with the MLP merge) on its own stream."""
+    mhc_config = MHCConfig(expansion_rate=4, kernel_backend=backend, recompute_block=2)
+    batches = _cuda_batches(2)
+    reference_model = _model(mhc_config, moe).cuda()
+    state = {k: (v.clone() if torch.is_tensor(v) else v)
+             for k, v in reference_model.state_dict().items()}
+    losses0, grads0 = _reference(reference_model, batches)
+    model = _model(mhc_config, moe).cuda()
+    model.load_state_dict(state)
+    streams = (torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Event())
+    losses1, grads1 = _ep_overlap(model, batches, streams)
+    torch.cuda.synchronize()
+    for loss0, loss1 in zip(losses0, losses1):
+        torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
+    mhc_params = {n for n, _ in model.named_parameters() if "_hc." in n}
+    assert mhc_params <= grads1.keys()
+    for name, grad in grads0.items():
+        error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
+        assert error <= 1e-4, f"{name}: relative gradient error {error:.3g}"
