@@ -26,7 +26,9 @@ pytestmark = pytest.mark.skipif(not _hopper(),
 # Relative errors ||out - ref|| / ||ref|| against the float64 reference on the same (16-bit)
 # inputs. The float32 outputs differ by float32 accumulation and the fast exp / log of the
 # epilogue; agg by its rounding to 16 bits.
-TOL_F32 = 2e-5
+# Measured on an H100 (2026-12-05): float32 outputs 1.0e-8..2.3e-7, agg 1.44e-3..1.66e-3 (bf16),
+# 2.1e-4 (fp16).
+TOL_F32 = 1e-6
 TOL_AGG = {torch.bfloat16: 5e-3, torch.float16: 8e-4}
 
 
@@ -119,19 +121,22 @@ def test_float16():
 @pytest.mark.parametrize("plan,max_clusters", [
     ((1, 2, 0), 0), ((1, 3, 1), 1), ((2, 4, 2), 1), ((4, 3, 1), 0), ((8, 4, 2), 1),
     ((8, 3, 0), 0), ((16, 4, 2), 0), ((16, 6, 4), 1), ((16, 12, 10), 2), ((2, 12, 10), 1),
+    ((1, 2, 0, 16), 0), ((4, 3, 1, 16), 1), ((16, 6, 4, 16), 0), ((16, 5, 3, 16), 1),
 ])
 def test_launch_plans(plan, max_clusters):
     """Every cluster size and pipeline depth, also with one cluster walking all tiles (the
-    mbarrier phases wrap many times), computes the same function."""
-    x, phi, alpha, bias = _inputs(203, 4, 1024, torch.bfloat16, seed=sum(plan) + max_clusters)
+    mbarrier phases wrap many times), computes the same function. (Clusters of 1-2 CTAs hold
+    half or all of phi in each CTA: a narrower C.)"""
+    c = 256 if plan[0] <= 2 else 1024
+    x, phi, alpha, bias = _inputs(203, 4, c, torch.bfloat16, seed=sum(plan) + max_clusters)
     outs = _run(x, phi, alpha, bias, plan=plan, max_clusters=max_clusters)
     got = cuda_entry.last_plan()
-    assert (got["cluster"], got["stages"], got["distance"]) == plan
+    assert (got["cluster"], got["stages"], got["distance"], got["tokens"]) == (plan + (8,))[:4]
     _check(outs, _reference(x, phi, alpha, bias, "mhc", 20, 1e-6), torch.bfloat16, f"plan={plan}")
 
 
 def test_deterministic_and_matches_triton_forward():
-    from megatron_mhc.kernels.triton_ops import _mappings_forward
+    from megatron_mhc.kernels.triton.mappings import _mappings_forward
 
     x, phi, alpha, bias = _inputs(300, 4, 2048, torch.bfloat16, seed=7)
     a = _run(x, phi, alpha, bias)
@@ -144,14 +149,15 @@ def test_deterministic_and_matches_triton_forward():
     errors = {name: _rel(u, v) for name, u, v in
               zip(("proj", "rinv", "h_pre", "h_post", "h_res", "agg"), a, triton)}
     print("cuda vs triton", errors)
-    assert max(errors[k] for k in ("proj", "rinv", "h_pre", "h_post", "h_res")) < TOL_F32
-    assert errors["agg"] < 2e-3  # a few 1-ulp rounding differences of bf16
+    # measured 6.5e-8..4.1e-7 and agg 2.3e-5 (a few 1-ulp bf16 rounding differences)
+    assert max(errors[k] for k in ("proj", "rinv", "h_pre", "h_post", "h_res")) < 1.5e-6
+    assert errors["agg"] < 1e-4
 
 
 def test_gradients_through_the_triton_backward():
     """``cuda_entry.enter`` (this forward, the Triton entry backward on its saved tensors) against
-    the float64 reference's autograd and against ``triton_ops.enter``."""
-    from megatron_mhc.kernels.triton_ops import enter as triton_enter
+    the float64 reference's autograd and against ``triton.enter``."""
+    from megatron_mhc.kernels.triton import enter as triton_enter
 
     t, n, c = 96, 4, 1024
     x, phi, alpha, bias = _inputs(t, n, c, torch.bfloat16, seed=8)
@@ -178,12 +184,13 @@ def test_gradients_through_the_triton_backward():
         print(f"{name}: cuda-vs-triton {e_tri:.2e} cuda-vs-ref {e_ref:.2e} "
               f"triton-vs-ref {e_tri_ref:.2e}")
         # the backward's bf16 GEMM operands dominate; the CUDA forward adds nothing measurable
-        assert e_ref < 1.5 * e_tri_ref + 1e-4, name
-        assert e_tri < 1e-2, name
+        # (measured: cuda vs triton dx 1.3e-5, dphi 0, dalpha 9.9e-8, dbias 1.5e-7)
+        assert e_ref < 1.5 * e_tri_ref + 1e-6, name
+        assert e_tri < 5e-5, name
 
 
 def test_float32_falls_back_to_triton():
-    from megatron_mhc.kernels.triton_ops import _mappings_forward
+    from megatron_mhc.kernels.triton.mappings import _mappings_forward
 
     x, phi, alpha, bias = _inputs(20, 4, 128, torch.float32, seed=10)
     assert cuda_entry.unsupported_reason(x, phi) is not None

@@ -1,7 +1,7 @@
 """The mHC entry forward as one CUDA kernel that reads x once (``entry_forward.cu``).
 
 ``entry_forward(x, phi, alpha, bias, variant_mhc, iters, eps)`` has the contract of
-``triton_ops._mappings_forward(..., with_pre=True)``: it returns
+``triton.mappings._mappings_forward(..., with_pre=True)``: it returns
 ``(x2, phi_c, alpha_f, bias_f, proj, rinv), h_pre, h_post, h_res, agg`` -- the tensors the Triton
 entry backward saves (``proj`` the raw ``x @ phi`` in float32, ``rinv = 1 / rms(x)``), the
 mappings in float32 and ``agg = sum_i H_pre[i] x[i]`` in x's dtype. So the Triton entry's
@@ -38,6 +38,8 @@ _LOCK = threading.Lock()
 _LIB = None
 _LIB_ERROR: Optional[str] = None
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+#: Tokens per tile of the default plan (8 or 16; MHC_CUDA_ENTRY_TOKENS overrides).
+TOKENS_PER_TILE = int(os.environ.get("MHC_CUDA_ENTRY_TOKENS", "8"))
 
 
 def _nvcc() -> Optional[str]:
@@ -92,7 +94,7 @@ def _load():
                 lib.mhc_entry_forward.argtypes = (
                     [ctypes.c_void_p] * 10
                     + [ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_float]
-                    + [ctypes.c_int] * 7 + [ctypes.c_void_p])
+                    + [ctypes.c_int] * 8 + [ctypes.c_void_p])
                 lib.mhc_entry_last_error.restype = ctypes.c_char_p
                 lib.mhc_entry_last_plan.argtypes = [ctypes.POINTER(ctypes.c_int)]
                 _LIB = lib
@@ -141,13 +143,13 @@ def last_plan() -> dict:
     """The launch plan of the last call: cluster size, x stages, pre-apply distance, clusters,
     shared memory bytes per CTA."""
     lib = _load()
-    buf = (ctypes.c_int * 5)()
+    buf = (ctypes.c_int * 6)()
     lib.mhc_entry_last_plan(buf)
-    return dict(zip(("cluster", "stages", "distance", "clusters", "smem"), list(buf)))
+    return dict(zip(("cluster", "stages", "distance", "clusters", "smem", "tokens"), list(buf)))
 
 
 def _triton_forward(x, phi, alpha, bias, variant_mhc, iters, eps):
-    from megatron_mhc.kernels.triton_ops import _mappings_forward
+    from megatron_mhc.kernels.triton.mappings import _mappings_forward
 
     return _mappings_forward(x, phi, alpha, bias, variant_mhc, iters, eps, with_pre=True)
 
@@ -158,10 +160,10 @@ def entry_forward(x, phi, alpha, bias, variant_mhc=True, iters: int = 20, eps: f
 
     ``variant_mhc``: True / "mhc" or False / "hc". ``out``: optional preallocated
     ``(proj [T, M] f32, rinv [T] f32, h_pre [T, n] f32, h_post [T, n] f32, h_res [T, n, n] f32,
-    agg [T, C] x.dtype)``. ``plan``: optional ``(cluster, stages, distance)`` overriding the
-    default launch plan (0 / -1 entries keep the default); ``max_clusters``: cap on the persistent
-    grid (tests). ``fallback``: inputs the kernel does not take go to the Triton forward (else
-    ValueError)."""
+    agg [T, C] x.dtype)``. ``plan``: optional ``(cluster, stages, distance[, tokens])``
+    overriding the default launch plan (0 / -1 entries keep the default); ``max_clusters``: cap
+    on the persistent grid (tests). ``fallback``: inputs the kernel does not take go to the
+    Triton forward (else ValueError)."""
     if isinstance(variant_mhc, str):
         if variant_mhc not in ("mhc", "hc"):
             raise ValueError(f"variant must be 'mhc' or 'hc', got {variant_mhc!r}")
@@ -199,7 +201,8 @@ def entry_forward(x, phi, alpha, bias, variant_mhc=True, iters: int = 20, eps: f
         proj, rinv, h_pre, h_post, h_res, agg = out
         if agg.data_ptr() % 16 or not all(v.is_contiguous() for v in out):
             raise ValueError("out tensors must be contiguous, agg 16-byte aligned")
-    cl, stages, dist = plan if plan is not None else (0, 0, -1)
+    cl, stages, dist, tokens = (tuple(plan) + (TOKENS_PER_TILE,))[:4] if plan else (
+        0, 0, -1, TOKENS_PER_TILE)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         rc = lib.mhc_entry_forward(
@@ -207,7 +210,7 @@ def entry_forward(x, phi, alpha, bias, variant_mhc=True, iters: int = 20, eps: f
             proj.data_ptr(), rinv.data_ptr(), h_pre.data_ptr(), h_post.data_ptr(),
             h_res.data_ptr(), agg.data_ptr(), t, n, c, float(eps), int(iters),
             int(bool(variant_mhc)), _DTYPES[x.dtype], int(cl), int(stages), int(dist),
-            int(max_clusters), stream)
+            int(tokens), int(max_clusters), stream)
     if rc != 0:
         msg = lib.mhc_entry_last_error().decode()
         if fallback and "fits" in msg:  # no launch plan for this shape: Triton
@@ -217,8 +220,8 @@ def entry_forward(x, phi, alpha, bias, variant_mhc=True, iters: int = 20, eps: f
 
 
 class _CudaEntryFunction(torch.autograd.Function):
-    """``triton_ops._EntryFunction`` with this forward: the same saved tensors, the same backward
-    (``triton_ops._entry_backward``)."""
+    """``triton.entry._EntryFunction`` with this forward: the same saved tensors, the same backward
+    (``triton.entry._entry_backward``)."""
 
     @staticmethod
     def forward(ctx, x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: float):
@@ -232,15 +235,15 @@ class _CudaEntryFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_agg, dh_post, dh_res):
-        from megatron_mhc.kernels.triton_ops import _entry_backward
+        from megatron_mhc.kernels.triton.entry import _entry_backward
 
         return (*_entry_backward(ctx, d_agg, dh_post, dh_res), None, None, None)
 
 
 def enter(x, phi, alpha, bias, variant="mhc", sinkhorn_iters=20, eps=1e-6):
-    """``triton_ops.enter`` with the one-pass CUDA forward (Triton forward where it does not
+    """``triton.enter`` with the one-pass CUDA forward (Triton forward where it does not
     apply); the backward is the Triton entry's."""
-    from megatron_mhc.kernels.triton_ops import _check_mapping_args
+    from megatron_mhc.kernels.triton.mappings import _check_mapping_args
 
     _check_mapping_args(x, phi, variant, "enter")
     return _CudaEntryFunction.apply(x, phi, alpha, bias, variant == "mhc", int(sinkhorn_iters),

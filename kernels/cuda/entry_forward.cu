@@ -34,7 +34,6 @@
 
 namespace mhc_entry {
 
-constexpr int TT = 8;          // tokens per tile (mma N)
 constexpr int W = 8;           // stream warps
 constexpr int THREADS = (W + 1) * 32;
 constexpr int STREAM_THREADS = W * 32;
@@ -178,6 +177,7 @@ struct Elem<__half> {
 // ------------------------------------------------------------------------------------------
 struct Geometry {
   int n, C, M, MW;      // streams, channels, mapping width, partial row width (M + 1)
+  int TT;               // tokens per tile: 8 or 16 (one or two mma N groups)
   int CL, S, D, PH, PR; // cluster size, x stages, pre-apply distance, H_pre / receive slots
   int Cs, CsP, QPS, NQ; // channels per CTA (mult. of 8), padded to 16, k16 chunks per stream, total
   int MTF, HALF;        // full 16-row m-tiles of phi^T, and a trailing 8-row half tile (0/1)
@@ -190,8 +190,9 @@ struct Geometry {
 
 __host__ __device__ inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
 
-inline Geometry make_geometry(int n, int C, int CL, int S, int D) {
+inline Geometry make_geometry(int n, int C, int CL, int S, int D, int TT) {
   Geometry g;
+  g.TT = TT;
   g.n = n;
   g.C = C;
   g.M = n * n + 2 * n;
@@ -253,7 +254,7 @@ struct Params {
   int variant_mhc;
 };
 
-__device__ __forceinline__ float fast_tanh(float v) {  // triton_kernels._tanh
+__device__ __forceinline__ float fast_tanh(float v) {  // kernels/triton/mappings.py _tanh
   float e = __expf(-2.0f * fabsf(v));
   float t = (1.0f - e) / (1.0f + e);
   return v >= 0.0f ? t : -t;
@@ -266,7 +267,7 @@ __device__ __forceinline__ float clamp_logit(float z) {  // keeps NaN
 // ------------------------------------------------------------------------------------------
 // The kernel
 // ------------------------------------------------------------------------------------------
-template <typename E, int N>
+template <typename E, int N, int TT>
 __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, const Geometry g) {
   constexpr int M = N * N + 2 * N;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -392,47 +393,71 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
         const int s = jj % S;
         mbar_wait(bar_full + 8 * s, (uint32_t)((jj / S) & 1));
         const uint32_t xstage = sbase + g.off_x + s * g.stage_bytes;
-        float acc[(M + 15) / 16 + 1][4];
+        constexpr int NG = TT / 8;  // token groups of 8 (mma N)
+        constexpr int MTA = (M + 15) / 16;
+        float acc[NG][MTA][4];
 #pragma unroll
-        for (int a = 0; a < (M + 15) / 16 + 1; ++a) acc[a][0] = acc[a][1] = acc[a][2] = acc[a][3] = 0.f;
-        float ss = 0.f;
-        // ldmatrix row address of this lane: token (lane & 7), k offset ((lane >> 3) & 1) * 8
-        const uint32_t lrow = xstage + (uint32_t)(((lane & 7) * g.RS + ((lane >> 3) & 1) * 8) * 2);
+        for (int u = 0; u < NG; ++u)
+#pragma unroll
+          for (int a = 0; a < MTA; ++a) acc[u][a][0] = acc[u][a][1] = acc[u][a][2] = acc[u][a][3] = 0.f;
+        float ss[NG];
+#pragma unroll
+        for (int u = 0; u < NG; ++u) ss[u] = 0.f;
+        // ldmatrix row address of this lane: token (lane & 7) (+ 8 for lanes 16..31 when TT = 16),
+        // k offset ((lane >> 3) & 1) * 8
+        const int lrow_tok = (lane & 7) + (NG == 2 ? ((lane >> 4) & 1) * 8 : 0);
+        const uint32_t lrow = xstage + (uint32_t)((lrow_tok * g.RS + ((lane >> 3) & 1) * 8) * 2);
 #pragma unroll 2
         for (int q = warp; q < g.NQ; q += W) {
           const int si = q / g.QPS;
           const int cc = (q - si * g.QPS) * 16;
-          uint32_t b0, b1;
-          ldmatrix_x2(lrow + (uint32_t)((si * g.CsP + cc) * 2), b0, b1);
-          const float2 f0 = Elem<E>::to_f2(b0), f1 = Elem<E>::to_f2(b1);
-          ss += f0.x * f0.x + f0.y * f0.y + f1.x * f1.x + f1.y * f1.y;
+          uint32_t b[NG][2];
+          if (NG == 2) {
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(b[0][0]), "=r"(b[0][1]), "=r"(b[NG - 1][0]), "=r"(b[NG - 1][1])
+                         : "r"(lrow + (uint32_t)((si * g.CsP + cc) * 2)));
+          } else {
+            ldmatrix_x2(lrow + (uint32_t)((si * g.CsP + cc) * 2), b[0][0], b[0][1]);
+          }
+#pragma unroll
+          for (int u = 0; u < NG; ++u) {
+            const float2 f0 = Elem<E>::to_f2(b[u][0]), f1 = Elem<E>::to_f2(b[u][1]);
+            ss[u] += f0.x * f0.x + f0.y * f0.y + f1.x * f1.x + f1.y * f1.y;
+          }
           const unsigned char* fr = phif + q * g.chunk_bytes;
 #pragma unroll
           for (int mt = 0; mt < M / 16; ++mt) {
             const uint4 a = reinterpret_cast<const uint4*>(fr + mt * 512)[lane];
-            Elem<E>::mma(acc[mt], a.x, a.y, a.z, a.w, b0, b1);
+#pragma unroll
+            for (int u = 0; u < NG; ++u) Elem<E>::mma(acc[u][mt], a.x, a.y, a.z, a.w, b[u][0], b[u][1]);
           }
           if ((M % 16) != 0) {
             constexpr int mt = M / 16;
             if (((M + 7) / 8 * 8) % 16 != 0) {  // half tile: 8 real rows
               const uint2 a = reinterpret_cast<const uint2*>(fr + mt * 512)[lane];
-              Elem<E>::mma(acc[mt], a.x, 0u, a.y, 0u, b0, b1);
+#pragma unroll
+              for (int u = 0; u < NG; ++u) Elem<E>::mma(acc[u][mt], a.x, 0u, a.y, 0u, b[u][0], b[u][1]);
             } else {
               const uint4 a = reinterpret_cast<const uint4*>(fr + mt * 512)[lane];
-              Elem<E>::mma(acc[mt], a.x, a.y, a.z, a.w, b0, b1);
+#pragma unroll
+              for (int u = 0; u < NG; ++u) Elem<E>::mma(acc[u][mt], a.x, a.y, a.z, a.w, b[u][0], b[u][1]);
             }
           }
         }
         // per-warp partials -> shared memory
         float* rw = red + warp * mrows * TT;
 #pragma unroll
-        for (int mt = 0; mt < (M + 15) / 16; ++mt) {
-          *reinterpret_cast<float2*>(rw + (mt * 16 + gq) * TT + 2 * cq) = make_float2(acc[mt][0], acc[mt][1]);
-          *reinterpret_cast<float2*>(rw + (mt * 16 + gq + 8) * TT + 2 * cq) = make_float2(acc[mt][2], acc[mt][3]);
+        for (int u = 0; u < NG; ++u) {
+#pragma unroll
+          for (int mt = 0; mt < MTA; ++mt) {
+            *reinterpret_cast<float2*>(rw + (mt * 16 + gq) * TT + u * 8 + 2 * cq) = make_float2(acc[u][mt][0], acc[u][mt][1]);
+            *reinterpret_cast<float2*>(rw + (mt * 16 + gq + 8) * TT + u * 8 + 2 * cq) = make_float2(acc[u][mt][2], acc[u][mt][3]);
+          }
+          float sv = ss[u];
+          sv += __shfl_xor_sync(0xffffffffu, sv, 1);
+          sv += __shfl_xor_sync(0xffffffffu, sv, 2);
+          if (cq == 0) ssred[warp * TT + u * 8 + gq] = sv;
         }
-        ss += __shfl_xor_sync(0xffffffffu, ss, 1);
-        ss += __shfl_xor_sync(0xffffffffu, ss, 2);
-        if (cq == 0) ssred[warp * TT + gq] = ss;
         stream_barrier();
         // CTA partials -> the owner's receive buffer (DSMEM), then one arrive on its barrier
         const uint32_t owner = (uint32_t)(jj % CL);
@@ -617,25 +642,29 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
 // ------------------------------------------------------------------------------------------
 typedef void (*KernelFn)(const Params, const Geometry);
 
-template <typename E>
-KernelFn pick(int n) {
+template <typename E, int TT>
+KernelFn pick_tt(int n) {
   switch (n) {
-    case 1: return entry_fwd_kernel<E, 1>;
-    case 2: return entry_fwd_kernel<E, 2>;
-    case 3: return entry_fwd_kernel<E, 3>;
-    case 4: return entry_fwd_kernel<E, 4>;
-    case 5: return entry_fwd_kernel<E, 5>;
-    case 6: return entry_fwd_kernel<E, 6>;
-    case 7: return entry_fwd_kernel<E, 7>;
-    case 8: return entry_fwd_kernel<E, 8>;
+    case 1: return entry_fwd_kernel<E, 1, TT>;
+    case 2: return entry_fwd_kernel<E, 2, TT>;
+    case 3: return entry_fwd_kernel<E, 3, TT>;
+    case 4: return entry_fwd_kernel<E, 4, TT>;
+    case 5: return entry_fwd_kernel<E, 5, TT>;
+    case 6: return entry_fwd_kernel<E, 6, TT>;
+    case 7: return entry_fwd_kernel<E, 7, TT>;
+    case 8: return entry_fwd_kernel<E, 8, TT>;
     default: return nullptr;
   }
 }
+template <typename E>
+KernelFn pick(int n, int tt) {
+  return tt == 16 ? pick_tt<E, 16>(n) : pick_tt<E, 8>(n);
+}
 
 struct PlanOut {
-  int CL, S, D, clusters, smem;
+  int CL, S, D, clusters, smem, TT;
 };
-static PlanOut g_last_plan = {0, 0, 0, 0, 0};
+static PlanOut g_last_plan = {0, 0, 0, 0, 0, 0};
 static char g_error[512] = "";
 
 static int set_error(const char* what, cudaError_t e) {
@@ -646,7 +675,7 @@ static int set_error(const char* what, cudaError_t e) {
 // The plan with the most bytes of x in flight: over cluster sizes 1..16, the most stages (<= 12)
 // that fit, D = S - 2 (the pre-apply runs D tiles behind the projection; one stage loading).
 static bool choose_plan(int n, int C, int smem_max, int force_cl, int force_s, int force_d,
-                        Geometry* out) {
+                        int tt, Geometry* out) {
   bool found = false;
   long long best = -1;
   for (int cl = 1; cl <= 16; cl *= 2) {
@@ -656,7 +685,7 @@ static bool choose_plan(int n, int C, int smem_max, int force_cl, int force_s, i
       int d = force_d >= 0 ? force_d : (s >= 3 ? s - 2 : 1);
       if (d > s - 1) d = s - 1;
       if (d > 15) d = 15;
-      Geometry g = make_geometry(n, C, cl, s, d);
+      Geometry g = make_geometry(n, C, cl, s, d, tt);
       if (g.smem > smem_max || g.PR > 16) continue;
       long long score = (long long)s * g.stage_bytes;
       if (s < 3) score /= 4;
@@ -685,16 +714,19 @@ void mhc_entry_last_plan(int* out) {
   out[2] = g_last_plan.D;
   out[3] = g_last_plan.clusters;
   out[4] = g_last_plan.smem;
+  out[5] = g_last_plan.TT;
 }
 
-// dtype: 0 bf16, 1 fp16. force_*: <= 0 (D: < 0) for the default plan. Returns 0 on success.
+// dtype: 0 bf16, 1 fp16. force_*: <= 0 (D: < 0) for the default plan; tokens_per_tile 8 or 16.
+// Returns 0 on success.
 int mhc_entry_forward(const void* x, const void* phi, const float* alpha, const float* bias,
                       float* proj, float* rinv, float* h_pre, float* h_post, float* h_res,
                       void* agg, long long T, int n, int C, float eps, int iters, int variant_mhc,
-                      int dtype, int force_cl, int force_s, int force_d, int max_clusters,
-                      void* stream) {
+                      int dtype, int force_cl, int force_s, int force_d, int tokens_per_tile,
+                      int max_clusters, void* stream) {
   g_error[0] = 0;
-  KernelFn fn = dtype == 0 ? pick<__nv_bfloat16>(n) : pick<__half>(n);
+  const int tt = tokens_per_tile == 16 ? 16 : 8;
+  KernelFn fn = dtype == 0 ? pick<__nv_bfloat16>(n, tt) : pick<__half>(n, tt);
   if (!fn) {
     snprintf(g_error, sizeof(g_error), "n=%d not supported (1..8)", n);
     return -1;
@@ -710,7 +742,7 @@ int mhc_entry_forward(const void* x, const void* phi, const float* alpha, const 
   e = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return set_error("cudaDeviceGetAttribute", e);
   Geometry g;
-  if (!choose_plan(n, C, smem_max, force_cl, force_s, force_d, &g)) {
+  if (!choose_plan(n, C, smem_max, force_cl, force_s, force_d, tt, &g)) {
     snprintf(g_error, sizeof(g_error), "no plan fits %d bytes of shared memory (n=%d, C=%d)",
              smem_max, n, C);
     return -1;
@@ -721,7 +753,7 @@ int mhc_entry_forward(const void* x, const void* phi, const float* alpha, const 
     e = cudaFuncSetAttribute((const void*)fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (e != cudaSuccess) return set_error("cudaFuncSetAttribute(non-portable cluster)", e);
   }
-  long long num_tiles = (T + TT - 1) / TT;
+  long long num_tiles = (T + tt - 1) / tt;
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -760,7 +792,7 @@ int mhc_entry_forward(const void* x, const void* phi, const float* alpha, const 
   prm.eps = eps;
   prm.iters = iters;
   prm.variant_mhc = variant_mhc;
-  g_last_plan = {g.CL, g.S, g.D, (int)clusters, g.smem};
+  g_last_plan = {g.CL, g.S, g.D, (int)clusters, g.smem, tt};
   if (T == 0) return 0;
   e = cudaLaunchKernelEx(&cfg, fn, prm, g);
   if (e != cudaSuccess) return set_error("cudaLaunchKernelEx", e);
