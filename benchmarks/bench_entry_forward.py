@@ -26,7 +26,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_mhc.kernels.cuda import entry as cuda_entry  # noqa: E402
-from megatron_mhc.kernels.triton_ops import _mappings_forward  # noqa: E402
+from megatron_mhc.kernels.triton.mappings import _mappings_forward  # noqa: E402
 
 NBUF = 2
 
