@@ -186,7 +186,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [
+    pytest.param(case, marks=pytest.mark.slow) if case.startswith("triton") else case
+    for case in sorted(CASES)])  # the Triton cases: ~2 min each under the interpreter
 def test_ep_overlap_schedule_equals_transformer_block_forward(cpu_schedule, case):
     mhc_config, moe, schedule_config = CASES[case]
     if mhc_config.kernel_backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
