@@ -122,10 +122,10 @@ def test_the_three_floors_are_there():
 
 
 def test_the_kernel_layout_table_names_every_op_module():
-    """docs/performance.md's op -> module table names every module of ``kernels/triton/`` and
-    ``kernels/tilelang/`` (one module per op)."""
+    """docs/performance.md's op -> module table names every module of ``kernels/triton/``,
+    ``kernels/tilelang/`` and ``kernels/cuda/`` (one module per op)."""
     table = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
-    for language in ("triton", "tilelang"):
+    for language in ("triton", "tilelang", "cuda"):
         for path in sorted((ROOT / "kernels" / language).glob("*.py")):
             if path.name != "__init__.py":
                 assert f"`kernels/{language}/{path.name}`" in table, path
