@@ -95,3 +95,21 @@ def test_function_preserving_in_bf16(megatron_cpu):
         expected = lm_loss(plain, tokens)
         got = lm_loss(mhc, tokens)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
+
+
+
+def test_the_norms_layer_reference_follows_a_deep_copy():
+    """The pre-MLP norm reaches its layer's MLP entry through a reference that a deep copy of the
+    layer (an EMA copy, say, where the model allows one) points at the copy, not the original."""
+    import copy
+
+    from megatron_mhc.core.layer import _LayerRef
+
+    layer = torch.nn.Module()
+    layer.norm = torch.nn.Identity()
+    layer.norm._mhc_layer = _LayerRef(layer)
+    clone = copy.deepcopy(layer)
+    assert layer.norm._mhc_layer() is layer
+    assert clone.norm._mhc_layer() is clone
+    alone = copy.deepcopy(layer.norm)  # the norm alone still points at its layer
+    assert alone._mhc_layer() is layer

@@ -180,6 +180,23 @@ class MHCEntryNormMixin:
         return super().forward(hidden_states, *args, **kwargs)
 
 
+class _LayerRef:
+    """A weak reference from a layer's pre-MLP norm to the layer; a deep copy of the layer points
+    its norm's reference at the copy (a plain weakref would keep pointing at the original)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, layer):
+        self.ref = weakref.ref(layer)
+
+    def __call__(self):
+        return self.ref()
+
+    def __deepcopy__(self, memo):
+        layer = self.ref()
+        return _LayerRef(memo.get(id(layer), layer))
+
+
 _ENTRY_NORM_CLASSES: dict = {}
 
 
@@ -191,7 +208,7 @@ def _make_entry_norm(norm: torch.nn.Module, layer) -> None:
                 "MHCEntry" + cls.__name__, (MHCEntryNormMixin, cls),
                 {"__doc__": f"{cls.__name__} that runs the mHC MLP entry on the n*C stream."})
         norm.__class__ = _ENTRY_NORM_CLASSES[cls]
-    norm._mhc_layer = weakref.ref(layer)
+    norm._mhc_layer = _LayerRef(layer)
 
 
 def _residual_bias_dropout_add(training: bool, fused: bool):
