@@ -347,3 +347,139 @@ def cp_loss_and_grads(rank, world_size, port, out_path, mhc_kwargs):
             torch.save({"loss": total, "grads": grads}, out_path)
     finally:
         destroy_cpu_distributed()
+
+
+class _CPUStream:
+    """Stands in for a CUDA stream / event in the combined-1F1B schedule on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait(self, *_):
+        pass
+
+    def record(self, *_):
+        pass
+
+    def wait_stream(self, *_):
+        pass
+
+    def wait_event(self, *_):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def _combined_1f1b_on_cpu():
+    """Megatron's combined-1F1B schedule (``--overlap-moe-expert-parallel-comm``) on CPU: its
+    CUDA streams and events become no-ops, so its nodes run in issue order on one thread."""
+    import contextlib
+
+    torch.cuda.Stream = _CPUStream
+    torch.cuda.Event = _CPUStream
+    torch.cuda.stream = lambda *_: contextlib.nullcontext()
+    torch.cuda.current_stream = lambda *_: _CPUStream()
+    torch.Tensor.record_stream = lambda self, *_: None
+
+
+def ep_overlap_step(rank, world_size, port, out_path, overlap, hook, mhc_kwargs, vpp=None):
+    """One training step (4 micro-batches) of a 4-layer mHC MoE GPT (4 experts, top-2, alltoall
+    dispatcher) at EP = 2 (PP = world_size / 2, VPP = ``vpp``) through Megatron's own schedule:
+    the combined-1F1B schedule with ``overlap`` (``--overlap-moe-expert-parallel-comm``), else the
+    plain one. ``hook``: the plans get the mhc_post node (``hook_schedule_plans``). Saves the
+    losses and the gradients of every mHC, router and expert parameter, keyed by global name."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_mhc import MHCConfig
+    from megatron_mhc.core.schedule_nodes import hook_schedule_plans
+    from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
+
+    ep = 2
+    pp = world_size // ep
+    init_cpu_distributed(rank, world_size, port, expert_model_parallel_size=ep,
+                         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
+    try:
+        _combined_1f1b_on_cpu()
+        import megatron.core.models.common.model_chunk_schedule_plan as plans
+
+        import megatron_mhc.core.schedule_nodes as schedule_nodes
+
+        counts = {"layer_runs": 0, "mhc_post_nodes": 0}
+        layer_run, add_node = plans.TransformerLayerSchedulePlan.run, schedule_nodes.add_mhc_post_node
+
+        def counted_layer_run(*args, **kwargs):
+            counts["layer_runs"] += 1
+            return layer_run(*args, **kwargs)
+
+        def counted_add_node(*args, **kwargs):
+            added = add_node(*args, **kwargs)
+            counts["mhc_post_nodes"] += int(added)
+            return added
+
+        plans.TransformerLayerSchedulePlan.run = staticmethod(counted_layer_run)
+        schedule_nodes.add_mhc_post_node = counted_add_node
+        if hook:
+            hook_schedule_plans()
+        torch.manual_seed(1234)
+        # bf16: Megatron's condition for the overlap. batch_p2p_comm=False: see
+        # pipeline_losses_and_grads.
+        extra = dict(bf16=True, overlap_moe_expert_parallel_comm=overlap, batch_p2p_comm=False,
+                     moe_token_dispatcher_type="alltoall")
+        settings = TinyGPTSettings(num_layers=4, num_moe_experts=4, expert_model_parallel_size=ep,
+                                   pipeline_model_parallel_size=pp, params_dtype=torch.bfloat16,
+                                   virtual_pipeline_model_parallel_size=vpp, extra_config=extra)
+        chunks = _build_pipeline_chunks(settings, MHCConfig(**mhc_kwargs), pp, vpp, build_tiny_gpt)
+        for chunk in chunks:
+            chunk.bfloat16()  # what Megatron's Float16Module does to every parameter
+        micro_batches = [fixed_tokens(batch=2, seed=300 + i) for i in range(4)]
+
+        def forward_step(data_iterator, model, return_schedule_plan=False):
+            input_ids, position_ids, labels, mask = causal_lm_inputs(next(data_iterator))
+
+            def loss_func(output_tensor):
+                loss = output_tensor.float().mean()
+                return loss, {"loss": loss.detach()}
+
+            if return_schedule_plan:
+                plan = model.build_schedule_plan(input_ids, position_ids, mask, labels=labels)
+                return plan, loss_func
+            return model(input_ids, position_ids, mask, labels=labels), loss_func
+
+        schedule = get_forward_backward_func()
+        iterators = [iter(micro_batches) for _ in chunks]
+        losses = schedule(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro_batches), seq_length=32, micro_batch_size=2,
+            forward_only=False,
+        )
+        local = 4 // ep
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        grads = {}
+        for chunk in chunks:
+            offset = chunk.decoder.layers[0].layer_number - 1
+            for name, p in chunk.named_parameters():
+                if p.grad is None or not ("_hc." in name or "router" in name or "experts" in name):
+                    continue
+                index, rest = name[len("decoder.layers."):].split(".", 1)
+                if ".local_experts." in rest:
+                    head, tail = rest.split(".local_experts.")
+                    expert, tail = tail.split(".", 1)
+                    rest = f"{head}.local_experts.{ep_rank * local + int(expert)}.{tail}"
+                grads[f"decoder.layers.{int(index) + offset}.{rest}"] = p.grad.detach().clone()
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, {
+            "losses": [float(d["loss"]) for d in losses] if losses else [], "grads": grads,
+            "counts": counts})
+        if rank == 0:
+            merged = {"losses": [], "grads": {}, "counts": [part["counts"] for part in gathered]}
+            for part in gathered:
+                if part["losses"]:
+                    merged["losses"] = part["losses"]
+                merged["grads"].update(part["grads"])
+            torch.save(merged, out_path)
+    finally:
+        destroy_cpu_distributed()

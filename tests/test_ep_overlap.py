@@ -11,9 +11,14 @@ no-ops; everything else is Megatron's code. Compared with the same weights run t
 ``GPTModel.forward``: both losses and every gradient, for MoE and dense layers (first, middle and
 last layer of a 3-layer model), with and without the mHC recompute, on the PyTorch ops and on the
 Triton kernels (interpreter).
+
+Each case runs twice: with Megatron's own plans (the MLP merge inside the combine node) and with
+the plans the patch set / launcher make (``megatron_mhc.core.schedule_nodes``: the merge as the
+``mhc_post`` node in the plan's fifth slot).
 """
 
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -69,8 +74,9 @@ def _model(mhc_config: MHCConfig, moe: bool, state=None, extra_config=None):
     return model
 
 
-def _head_loss(model, hidden, labels):
-    hidden = model.decoder.final_layernorm(hidden)
+def _head_loss(model, hidden, labels, normed):
+    if not normed:  # Megatron's MoE combine node (or the mhc_post node) applies it to the last layer
+        hidden = model.decoder.final_layernorm(hidden)
     logits, _ = model.output_layer(hidden)
     loss = torch.nn.functional.cross_entropy(
         logits.float().transpose(0, 1).reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -93,15 +99,18 @@ def _reference(model, batches):
     return losses, _grads(model)
 
 
+def _is_moe(layer):
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return isinstance(layer.mlp, MoELayer)
+
+
 def _grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _layer_plans(model, mask, streams=None):
-    from megatron.core.models.common.model_chunk_schedule_plan import (
-        ModelChunkState,
-        TransformerLayerSchedulePlan,
-    )
+def _layer_plans(model, mask, streams, plan_class):
+    from megatron.core.models.common.model_chunk_schedule_plan import ModelChunkState
 
     chunk = ModelChunkState()
     chunk.attention_mask = mask
@@ -109,26 +118,33 @@ def _layer_plans(model, mask, streams=None):
     chunk.packed_seq_params = chunk.sequence_len_offset = None
     chunk.model = model
     comp, comm, event = streams or (_NoStream(), _NoStream(), _NoStream())
-    return [TransformerLayerSchedulePlan(layer, event, chunk, lambda: comp, lambda: comm,
-                                         extra_args={"is_first_layer": i == 0,
-                                                     "is_last_layer": False})
-            for i, layer in enumerate(model.decoder.layers)]
+    layers = model.decoder.layers
+    return [plan_class(layer, event, chunk, lambda: comp, lambda: comm,
+                       extra_args={"is_first_layer": i == 0, "is_last_layer": i == len(layers) - 1})
+            for i, layer in enumerate(layers)]
 
 
-def _ep_overlap(model, batches, streams=None):
-    """Two micro-batches through Megatron's layer schedule plans: F(1); F(2) layer i with B(1)
-    layer L-1-i; B(2). Returns the losses and gradients."""
+def _megatron_plan_class():
     from megatron.core.models.common.model_chunk_schedule_plan import (
         TransformerLayerSchedulePlan,
     )
 
-    run = TransformerLayerSchedulePlan.run
+    return TransformerLayerSchedulePlan
+
+
+def _ep_overlap(model, batches, streams=None, plan_class=None):
+    """Two micro-batches through Megatron's layer schedule plans: F(1); F(2) layer i with B(1)
+    layer L-1-i; B(2). Returns the losses and gradients."""
+    plan_class = plan_class or _megatron_plan_class()
+    run = plan_class.run
+    # Megatron's MoE combine node applies the decoder's final norm after the last layer.
+    normed = _is_moe(model.decoder.layers[-1])
     micro = []
     for tokens in batches:
         ids, pos, labels, mask = causal_lm_inputs(tokens)
         embedded = model.embedding(ids, pos)
         micro.append(dict(labels=labels, embedded=embedded,
-                          plans=_layer_plans(model, mask, streams)))
+                          plans=_layer_plans(model, mask, streams, plan_class)))
 
     event = streams[2] if streams else _NoStream()
 
@@ -145,7 +161,7 @@ def _ep_overlap(model, batches, streams=None):
     def finish_forward(m, hidden):
         # The head runs in its own graph, as PostProcessNode's: the last layer's output detached.
         m["last"] = hidden.detach().requires_grad_()
-        m["loss"] = _head_loss(model, m["last"], m["labels"])
+        m["loss"] = _head_loss(model, m["last"], m["labels"], normed)
         m["loss"].backward()
 
     @on_current_stream
@@ -186,10 +202,44 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=pytest.mark.slow) if case.startswith("triton") else case
-    for case in sorted(CASES)])  # the Triton cases: ~2 min each under the interpreter
-def test_ep_overlap_schedule_equals_transformer_block_forward(cpu_schedule, case):
+@pytest.fixture
+def mhc_post_plans(monkeypatch):
+    """Megatron's plan class with the run-time hook the launcher installs
+    (``hook_schedule_plans``), undone after the test."""
+    from megatron_mhc.core.schedule_nodes import hook_schedule_plans
+
+    plan_class = _megatron_plan_class()
+    monkeypatch.setattr(plan_class, "_build_callable_nodes", plan_class._build_callable_nodes)
+    assert hook_schedule_plans()
+    assert not hook_schedule_plans()  # idempotent
+    return plan_class
+
+
+@pytest.fixture
+def patched_plan_class(tmp_path):
+    """``TransformerLayerSchedulePlan`` of the installed megatron-core's
+    ``model_chunk_schedule_plan.py`` with the patch set's hunks applied (loaded as its own
+    module; the installed one is untouched)."""
+    import importlib.util
+    from pathlib import Path
+
+    import megatron.core.models.common.model_chunk_schedule_plan as installed
+
+    from megatron_mhc.core.schedule_nodes import add_mhc_post_node
+    from megatron_mhc.training.patching import PatchSet, apply_hunks
+
+    hunks = PatchSet().hunks["megatron/core/models/common/model_chunk_schedule_plan.py"]
+    path = tmp_path / "patched_model_chunk_schedule_plan.py"
+    # exact=False: the installed file may be a later 0.19.x one, as `patch apply` accepts.
+    path.write_text(apply_hunks(Path(installed.__file__).read_text(), hunks, exact=False))
+    spec = importlib.util.spec_from_file_location("patched_model_chunk_schedule_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._mhc_add_schedule_nodes is add_mhc_post_node
+    return module.TransformerLayerSchedulePlan
+
+
+def _compare_with_forward(case, plan_class=None, check_plans=None):
     mhc_config, moe, schedule_config = CASES[case]
     if mhc_config.kernel_backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1")
@@ -201,7 +251,7 @@ def test_ep_overlap_schedule_equals_transformer_block_forward(cpu_schedule, case
     model = _model(mhc_config, moe, state)
     for name, value in schedule_config.items():
         setattr(model.config, name, value)
-    losses1, grads1 = _ep_overlap(model, batches)
+    losses1, grads1 = _ep_overlap(model, batches, plan_class=plan_class)
 
     for loss0, loss1 in zip(losses0, losses1):
         torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
@@ -212,6 +262,88 @@ def test_ep_overlap_schedule_equals_transformer_block_forward(cpu_schedule, case
     for name, grad in grads0.items():
         error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
         assert error <= 1e-5, f"{name}: relative gradient error {error:.3g}"
+
+
+_CASE_PARAMS = [pytest.param(case, marks=pytest.mark.slow) if case.startswith("triton") else case
+                for case in sorted(CASES)]  # the Triton cases: ~2 min each under the interpreter
+
+
+@pytest.mark.parametrize("case", _CASE_PARAMS)
+def test_ep_overlap_schedule_equals_transformer_block_forward(cpu_schedule, case):
+    """Megatron's own plans: the MLP merge runs inside the combine node."""
+    _compare_with_forward(case)
+
+
+@pytest.mark.parametrize("case", _CASE_PARAMS)
+def test_ep_overlap_schedule_with_mhc_post_node_equals_transformer_block_forward(
+        cpu_schedule, mhc_post_plans, case):
+    """The plans the launcher makes: the MLP merge of each MoE layer is its own node."""
+    _compare_with_forward(case, mhc_post_plans)
+
+
+def test_patched_schedule_plan_equals_transformer_block_forward(cpu_schedule, patched_plan_class):
+    """The patch set's hunk in model_chunk_schedule_plan.py adds the same node."""
+    _compare_with_forward("torch-moe-recompute", patched_plan_class)
+
+
+def _plans_of(case, plan_class, **config_fields):
+    mhc_config, moe, _ = CASES[case]
+    model = _model(mhc_config, moe)
+    for name, value in config_fields.items():
+        setattr(model.config, name, value)
+    ids, pos, _, mask = causal_lm_inputs(_batches(1)[0])
+    return model, _layer_plans(model, mask, None, plan_class)
+
+
+def test_mhc_post_node_fills_the_fifth_slot_of_moe_layers_only(cpu_schedule, mhc_post_plans):
+    from megatron.core.models.common.utils import TransformerLayerNode
+    from megatron.core.pipeline_parallel.utils import NoopScheduleNode
+
+    from megatron_mhc.core.schedule_nodes import MHC_POST_NODE
+
+    _, plans = _plans_of("torch-moe", mhc_post_plans)
+    for plan in plans:
+        assert isinstance(plan.mtp_post_process, TransformerLayerNode)
+        assert plan.mtp_post_process.name == MHC_POST_NODE
+        assert not plan.mtp_post_process.free_input  # the merge's backward needs its input
+        assert plan.moe_combine.is_last_layer is False  # the final norm moved to mhc_post
+    assert [p.mtp_post_process.is_last_layer for p in plans] == [False, False, True]
+    _, plans = _plans_of("torch-dense", mhc_post_plans)
+    assert all(isinstance(p.mtp_post_process, NoopScheduleNode) for p in plans)
+
+
+def test_megatrons_own_plans_keep_the_merge_in_the_combine_node(cpu_schedule):
+    from megatron.core.pipeline_parallel.utils import NoopScheduleNode
+
+    from megatron_mhc.core.schedule_nodes import schedule_plans_are_hooked
+
+    assert not schedule_plans_are_hooked()  # the installed, unpatched megatron-core
+    _, plans = _plans_of("torch-moe", _megatron_plan_class())
+    assert all(isinstance(p.mtp_post_process, NoopScheduleNode) for p in plans)
+    assert plans[-1].moe_combine.is_last_layer is True
+
+
+def test_mhc_post_node_runs_on_the_high_priority_stream_with_mhc_overlap(
+        cpu_schedule, mhc_post_plans, monkeypatch):
+    import megatron_mhc.core.schedule_nodes as schedule_nodes
+
+    side, compute = _NoStream(), _NoStream()
+    monkeypatch.setattr(schedule_nodes, "high_priority_stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    model, plans = _plans_of("torch-moe", mhc_post_plans)
+    assert plans[0].mtp_post_process.stream() is plans[0].mlp.stream()  # compute stream
+    for layer in model.decoder.layers:
+        layer.mhc_config = dataclasses.replace(layer.mhc_config, overlap=True)
+    ids, pos, _, mask = causal_lm_inputs(_batches(1)[0])
+    plans = _layer_plans(model, mask, (compute, _NoStream(), _NoStream()), mhc_post_plans)
+    assert all(plan.mtp_post_process.stream() is side for plan in plans)
+    assert plans[0].mlp.stream() is compute
+
+
+def test_deferred_merge_is_refused_when_no_merge_was_left(cpu_schedule):
+    model, _ = _plans_of("torch-moe", _megatron_plan_class())
+    with pytest.raises(RuntimeError, match="no deferred MLP merge to run"):
+        model.decoder.layers[0].run_deferred_mlp_merge(torch.randn(SEQ, 2, HIDDEN))
 
 
 @pytest.fixture
@@ -232,11 +364,17 @@ def _cuda_batches(num: int):
 
 
 @requires_cuda
+@pytest.mark.parametrize("schedule", ["megatron", "mhc_post", "mhc_post-overlap"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("moe", [True, False])
-def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, backend, moe):
-    """The same comparison on a GPU, the combine node (with the MLP merge) on its own stream."""
-    mhc_config = MHCConfig(expansion_rate=4, kernel_backend=backend, recompute_block=2)
+def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, request, schedule,
+                                                            backend, moe):
+    """The same comparison on a GPU, the dispatch and combine nodes on a second stream; the MLP
+    merge in the combine node (Megatron's plans), in the mhc_post node on the compute stream, or
+    in the mhc_post node on the high-priority stream (--mhc-overlap)."""
+    plan_class = None if schedule == "megatron" else request.getfixturevalue("mhc_post_plans")
+    mhc_config = MHCConfig(expansion_rate=4, kernel_backend=backend, recompute_block=2,
+                           overlap=schedule.endswith("overlap"))
     batches = _cuda_batches(2)
     reference_model = _model(mhc_config, moe).cuda()
     state = {k: (v.clone() if torch.is_tensor(v) else v)
@@ -245,7 +383,7 @@ def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, backen
     model = _model(mhc_config, moe).cuda()
     model.load_state_dict(state)
     streams = (torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Event())
-    losses1, grads1 = _ep_overlap(model, batches, streams)
+    losses1, grads1 = _ep_overlap(model, batches, streams, plan_class)
     torch.cuda.synchronize()
     for loss0, loss1 in zip(losses0, losses1):
         torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
@@ -254,3 +392,49 @@ def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, backen
     for name, grad in grads0.items():
         error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
         assert error <= 1e-4, f"{name}: relative gradient error {error:.3g}"
+
+
+# ---------------------------------------------------------------- Megatron's whole schedule, EP = 2
+def _whole_step(tmp_path, name, world_size, overlap, hook, mhc_kwargs, vpp=None):
+    from dist_workers import ep_overlap_step, spawn
+
+    path = tmp_path / f"{name}.pt"
+    spawn(ep_overlap_step, world_size, str(path), overlap, hook, mhc_kwargs, vpp)
+    return torch.load(path)
+
+
+def _assert_same_step(result, reference):
+    assert result["losses"] == reference["losses"] and len(reference["losses"]) == 4
+    assert result["grads"].keys() == reference["grads"].keys()
+    assert any("_hc." in name for name in reference["grads"])
+    assert any("local_experts" in name for name in reference["grads"])
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(result["grads"][name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["megatron-plans", "mhc_post-node"])
+def test_combined_1f1b_step_equals_the_plain_schedule(tmp_path, hook):
+    """One training step, 4 micro-batches, EP = 2 over gloo (Megatron's alltoall dispatcher),
+    through Megatron's ``forward_backward_no_pipelining``: the combined-1F1B schedule
+    (``--overlap-moe-expert-parallel-comm``) gives the plain schedule's losses and every
+    gradient (mHC, router, experts), bit for bit, with the MLP merge in Megatron's combine node
+    or in the mhc_post node."""
+    mhc = dict(expansion_rate=4, kernel_backend="torch")
+    reference = _whole_step(tmp_path, "plain", 2, False, False, mhc)
+    result = _whole_step(tmp_path, "overlap", 2, True, hook, mhc)
+    assert all(c["layer_runs"] == 0 and c["mhc_post_nodes"] == 0 for c in reference["counts"])
+    # 4 layers x 4 micro-batches, each layer plan run once per micro-batch in each direction
+    # (forward and backward of two micro-batches share one run).
+    assert all(c["layer_runs"] > 0 for c in result["counts"])
+    assert all(c["mhc_post_nodes"] == (16 if hook else 0) for c in result["counts"])
+    _assert_same_step(result, reference)
+
+
+def test_combined_1f1b_interleaved_pipeline_step_equals_the_plain_schedule(tmp_path):
+    """The same at PP = 2 with VPP = 2 (4 processes: PP 2 x EP 2, one layer per virtual stage),
+    through Megatron's interleaved schedule, with the mhc_post node and the mHC recompute."""
+    mhc = dict(expansion_rate=4, kernel_backend="torch", recompute_block=2)
+    reference = _whole_step(tmp_path, "plain", 4, False, False, mhc, vpp=2)
+    result = _whole_step(tmp_path, "overlap", 4, True, True, mhc, vpp=2)
+    assert all(c["mhc_post_nodes"] == 8 for c in result["counts"])  # 2 chunks x 4 micro-batches
+    _assert_same_step(result, reference)

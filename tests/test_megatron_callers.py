@@ -242,6 +242,24 @@ def test_te_graph_capture_function_computes_the_layer_forward(megatron_cpu):
         hidden = expected
 
 
+def test_entry_norm_refuses_to_run_the_mlp_entry_inside_a_layernorm_recompute(megatron_cpu):
+    """The pre-MLP norm module runs the MLP entry when the EP-overlap callables call it on the
+    stream; inside Megatron's layernorm recompute (no autograd) it stops instead of building an
+    entry no gradient reaches (the flag combination is refused at validation too)."""
+    model = build_tiny_gpt(TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16), MHC_TORCH)
+    layer = model.decoder.layers[0]
+    hidden = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(5))
+    mask = causal_lm_inputs(_tokens(1))[3]
+    stream, _ = layer._forward_attention(hidden, attention_mask=mask)
+    layer.recompute_pre_mlp_layernorm = True
+    with torch.no_grad(), pytest.raises(RuntimeError, match="--recompute-modules layernorm"):
+        layer.pre_mlp_layernorm(stream)
+    layer.recompute_pre_mlp_layernorm = False
+    normed, residual = layer.pre_mlp_layernorm(stream)  # the callables' path: entry + norm
+    assert normed.shape[-1] == 32 and residual.shape[-1] == 4 * 32
+    assert layer.pre_mlp_layernorm(normed).shape == normed.shape  # C wide: the norm alone
+
+
 def test_dynamic_inference_context_stops_at_the_layer(megatron_cpu):
     from megatron.core.inference.contexts import StaticInferenceContext
 

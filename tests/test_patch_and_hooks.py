@@ -172,6 +172,15 @@ def test_real_patch_set_matches_the_installed_megatron_core():
     patched = apply_hunks(source, patches.hunks[path])
     assert _sha(patched) == patches.pin["files"][path]["patched_sha256"]
     assert apply_hunks(patched, patches.hunks[path], reverse=True) == source
+    # The schedule-plan hunk applies to the installed file too (0.19.0's, or a later 0.19.x one
+    # whose hunks match) and reverts to it.
+    import megatron.core.models.common.model_chunk_schedule_plan as plan_module
+
+    path = "megatron/core/models/common/model_chunk_schedule_plan.py"
+    source = Path(plan_module.__file__).read_text()
+    patched = apply_hunks(source, patches.hunks[path], exact=False)
+    assert "_mhc_add_schedule_nodes(self, event, comp_stream, extra_args)" in patched
+    assert apply_hunks(patched, patches.hunks[path], reverse=True, exact=False) == source
     # Only hook lines: every added line is marked.
     added = [t for hunks in patches.hunks.values() for h in hunks for m, t in h.lines if m == "+"]
     assert all("megatron-mhc" in t or "_mhc_pipeline_hidden_size" in t or "mhc_hooks" in t
@@ -362,7 +371,17 @@ def test_launcher_refuses_a_checkpoint_that_does_not_match_the_flags(tmp_path, m
         monkeypatch.setattr(module, name, getattr(module, name))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
+    from megatron.core.models.common.model_chunk_schedule_plan import (
+        TransformerLayerSchedulePlan,
+    )
+
+    from megatron_mhc.core.schedule_nodes import schedule_plans_are_hooked
+
+    monkeypatch.setattr(TransformerLayerSchedulePlan, "_build_callable_nodes",
+                        TransformerLayerSchedulePlan._build_callable_nodes)
+    assert not schedule_plans_are_hooked()
     launch.install_hooks(str(tmp_path))
+    assert schedule_plans_are_hooked()  # the EP-overlap schedule's mhc_post node
     base = ["pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
             "4", "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "1",
             "--load", str(tmp_path / "plain")]

@@ -142,7 +142,7 @@ class _LayerPass:
     the attention side leaves for the MLP side (found again through the stream's storage)."""
 
     __slots__ = ("recompute", "block_input", "projection", "next_layer_hc", "stream_key",
-                 "mlp_entry")
+                 "mlp_entry", "deferred_residual")
 
     def __init__(self, recompute: bool, block_input, projection, next_layer_hc):
         self.recompute = recompute
@@ -152,6 +152,13 @@ class _LayerPass:
         self.stream_key: Optional[int] = None
         #: (x, h_post, h_res, link) of the MLP entry, for the MLP merge.
         self.mlp_entry = None
+        #: The stream mlp_bda was given when it left the merge to a schedule node of its own.
+        self.deferred_residual = None
+
+    def ops_context(self):
+        """What the mHC ops of this pass run under: the recompute's saved-stream hooks, or
+        nothing."""
+        return saved_stream_hooks() if self.recompute else contextlib.nullcontext()
 
 
 def _storage_key(t: Tensor) -> int:
@@ -276,6 +283,8 @@ class MHCLayerMixin:
         #: The pass between this layer's attention side and its MLP merge (one at a time: a
         #: layer's sublayers run in order for one micro-batch before the next one's start).
         self._mhc_open_pass: Optional[_LayerPass] = None
+        #: Set inside ``deferred_mlp_merge()``.
+        self._mhc_merge_deferred = False
 
     def _first_hc(self) -> Optional[HyperConnection]:
         return self.attn_hc if self.attn_hc is not None else self.mlp_hc
@@ -333,10 +342,7 @@ class MHCLayerMixin:
         x, layer_pass = self._start_pass(hidden_states)
         context = None
         if self.has_attention:
-            hooks = saved_stream_hooks if layer_pass.recompute else contextlib.nullcontext
-            with hooks():
-                aggregate, h_post, h_res, x_link, link = self.attn_hc.enter_linked(
-                    x, layer_pass.projection)
+            aggregate, h_post, h_res, x_link, link = self._enter(self.attn_hc, layer_pass, x)
             y, context = super()._forward_attention(aggregate, *args, **kwargs)
             next_hc = self.mlp_hc if self.has_mlp else layer_pass.next_layer_hc
             x, layer_pass.projection = self._merge(
@@ -405,10 +411,7 @@ class MHCLayerMixin:
                 "_forward_attention first)")
         n, hidden = self.mhc_config.n, self.config.hidden_size
         x = hidden_states.unflatten(-1, (n, hidden))
-        hooks = saved_stream_hooks if layer_pass.recompute else contextlib.nullcontext
-        with hooks():
-            aggregate, h_post, h_res, x_link, link = self.mlp_hc.enter_linked(
-                x, layer_pass.projection)
+        aggregate, h_post, h_res, x_link, link = self._enter(self.mlp_hc, layer_pass, x)
         layer_pass.projection = None
         layer_pass.mlp_entry = (x, h_post, h_res, link)
         stream = make_viewless_tensor(x_link.flatten(-2), requires_grad=x_link.requires_grad,
@@ -422,11 +425,39 @@ class MHCLayerMixin:
 
         def merge(mlp_output_with_bias, residual, prob):
             y = _bias_dropout(mlp_output_with_bias, None, prob, training)
-            return self._mlp_merge(y, residual)
+            layer_pass = self._mlp_merge_pass(residual)
+            if self._mhc_merge_deferred:
+                layer_pass.deferred_residual = residual
+                return y
+            return self._mlp_merge(layer_pass, y, residual, self.mhc_config.overlap)
 
         return merge
 
-    def _mlp_merge(self, y: Tensor, residual: Tensor) -> Tensor:
+    @contextlib.contextmanager
+    def deferred_mlp_merge(self):
+        """Inside: ``mlp_bda`` returns ``dropout(MLP output + bias)`` and leaves the merge to
+        ``run_deferred_mlp_merge`` (the EP-overlap schedule's ``mhc_post`` node,
+        ``megatron_mhc.core.schedule_nodes``)."""
+        self._mhc_merge_deferred = True
+        try:
+            yield
+        finally:
+            self._mhc_merge_deferred = False
+
+    def run_deferred_mlp_merge(self, y: Tensor) -> Tensor:
+        """The MLP merge ``mlp_bda`` left inside ``deferred_mlp_merge``, of ``y`` (its returned
+        MLP output, or a detached copy) with the stream it was given: the layer's output."""
+        layer_pass = self._mhc_open_pass
+        residual = None if layer_pass is None else layer_pass.deferred_residual
+        if residual is None:
+            raise RuntimeError(
+                f"mHC layer {self.layer_number}: no deferred MLP merge to run (mlp_bda must run "
+                "inside deferred_mlp_merge() first)")
+        layer_pass.deferred_residual = None
+        # The schedule node already runs on the high-priority stream with --mhc-overlap.
+        return self._mlp_merge(layer_pass, y, residual, high_priority=False)
+
+    def _mlp_merge_pass(self, residual: Tensor) -> _LayerPass:
         layer_pass = self._mhc_open_pass
         if (layer_pass is None or layer_pass.mlp_entry is None
                 or layer_pass.stream_key != _storage_key(residual)):
@@ -434,22 +465,32 @@ class MHCLayerMixin:
                 f"mHC layer {self.layer_number}: mlp_bda was called with a residual that is not "
                 "the stream of this layer's MLP entry (the pre-MLP norm must run on the stream "
                 "first)")
+        return layer_pass
+
+    def _mlp_merge(self, layer_pass: _LayerPass, y: Tensor, residual: Tensor,
+                   high_priority: bool) -> Tensor:
         self._mhc_open_pass = None
         x, h_post, h_res, link = layer_pass.mlp_entry
         if residual.is_cuda:
-            # Megatron's EP-overlap schedule runs this merge in its combine node, on the
-            # communication stream, while the mappings were made on the compute stream: tell the
-            # caching allocator they are used here too (Megatron records the residual itself).
+            # Megatron's EP-overlap schedule runs this merge in another node than the entry, on
+            # another stream (its combine node's communication stream, or the mhc_post node's
+            # high-priority one): tell the caching allocator the entry's tensors are used here.
             current = torch.cuda.current_stream(residual.device)
-            for tensor in (h_post, h_res, x):
+            for tensor in (h_post, h_res, x, residual):
                 tensor.record_stream(current)
         x_link = residual.unflatten(-1, (self.mhc_config.n, self.config.hidden_size))
         out, projection = self._merge(
             self.mlp_hc, layer_pass, x, x_link, y, h_post, h_res, link,
-            layer_pass.next_layer_hc, high_priority=self.mhc_config.overlap)
+            layer_pass.next_layer_hc, high_priority=high_priority)
         return self._finish_pass(layer_pass, out, projection)
 
     # ------------------------------------------------------------------------- shared
+    def _enter(self, hc: HyperConnection, layer_pass: _LayerPass, x: Tensor):
+        """``hc``'s linked entry of the stream ``x`` -> ``(aggregate, H_post, H_res, x_link,
+        link)``, with the projection the previous merge made of ``x``, if any."""
+        with layer_pass.ops_context():
+            return hc.enter_linked(x, layer_pass.projection)
+
     def _merge(self, hc: HyperConnection, layer_pass: _LayerPass, x: Tensor, x_link: Tensor,
                y: Tensor, h_post: Tensor, h_res: Tensor, link: Any,
                next_hc: Optional[HyperConnection], high_priority: bool = False):
@@ -464,8 +505,7 @@ class MHCLayerMixin:
                 return hc.merge_linked_project(x_link, y, h_post, h_res, link, next_hc)
             return hc.merge_linked(x_link, y, h_post, h_res, link), None
 
-        hooks = saved_stream_hooks if layer_pass.recompute else contextlib.nullcontext
-        with hooks():
+        with layer_pass.ops_context():
             if high_priority:
                 out, next_projection = run_on_high_priority_stream(merge, x_link, y, h_post, h_res)
             else:

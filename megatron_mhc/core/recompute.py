@@ -202,6 +202,11 @@ class StreamRecompute:
             entry.uses_left -= 1
             if entry.uses_left == 0:
                 entry.cache = None
+        if full.is_cuda:
+            # A rebuilt stream is cached for its next use, which may be a backward on another
+            # stream (a merge on the high-priority stream, its entry on the compute stream): the
+            # caching allocator must not hand its memory out before this stream is done with it.
+            full.record_stream(torch.cuda.current_stream(full.device))
         return full.as_strided(shape, stride, offset)
 
 

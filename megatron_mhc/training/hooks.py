@@ -11,6 +11,9 @@ re-exports this module's hooks) and one call per hook:
   chosen;
 * ``megatron/core/pipeline_parallel/schedules.py``: ``pipeline_hidden_size(config)`` where the
   schedules size the stage-to-stage tensors (n*C wide with mHC);
+* ``megatron/core/models/common/model_chunk_schedule_plan.py``: ``add_mhc_post_node(plan, ...)``
+  at the end of ``TransformerLayerSchedulePlan._build_callable_nodes`` (the EP-overlap schedule:
+  an mHC MoE layer's MLP merge as a node of its own, ``megatron_mhc.core.schedule_nodes``);
 * ``megatron/training/training.py``: ``after_train_step(model, iteration)`` in the training loop
   (mHC gain metrics on logging iterations).
 
@@ -39,6 +42,7 @@ from megatron_mhc.core.pipeline import (  # noqa: F401 - pipeline_hidden_size is
     pipeline_hidden_size,
     schedules_are_hooked,
 )
+from megatron_mhc.core.schedule_nodes import add_mhc_post_node  # noqa: F401 - a hook
 from megatron_mhc.training.checkpoint_match import check_checkpoint_matches_flags
 
 ENABLE_FLAG = "--enable-mhc"

@@ -9,7 +9,9 @@ For users who cannot patch their Megatron-LM tree. It installs the same hooks as
   flags and their validation;
 * ``GPTModel`` / ``HybridModel`` as the model builders (``megatron.training.models.gpt`` /
   ``.hybrid``, ``gpt_builders`` / ``hybrid_builders``) see them: the layer spec is wrapped;
-* ``megatron.training.training.train_step``: the gain metrics after each step.
+* ``megatron.training.training.train_step``: the gain metrics after each step;
+* ``TransformerLayerSchedulePlan._build_callable_nodes`` (the EP-overlap schedule): an mHC MoE
+  layer's MLP merge as a node of its own (``megatron_mhc.core.schedule_nodes``).
 
 One difference from the patch set: the pipeline schedules are not patched, so with pipeline
 parallelism the mHC model runs in Megatron's ``variable_seq_lengths`` mode (each stage-to-stage
@@ -54,6 +56,7 @@ def install_hooks(script_dir: str) -> None:
     import megatron.training.arguments as arguments
     import megatron.training.training as training
 
+    from megatron_mhc.core.schedule_nodes import hook_schedule_plans
     from megatron_mhc.training import hooks
 
     if getattr(arguments, "_mhc_launch_hooks", False):
@@ -96,6 +99,7 @@ def install_hooks(script_dir: str) -> None:
         except ImportError:
             continue
         _wrap_model_class(module, class_name, spec_kwarg)
+    hook_schedule_plans()
     arguments._mhc_launch_hooks = True
 
 
