@@ -242,6 +242,74 @@ def test_te_graph_capture_function_computes_the_layer_forward(megatron_cpu):
         hidden = expected
 
 
+class _ReplayWithoutHostCode:
+    """Stands in for one of TE's graphed callables of a layer: computes what the captured
+    ``_te_cuda_graph_capture`` computes, but, as a graph replay, leaves no host-side state behind
+    (the layer's open pass is what it was before)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.replays = 0
+
+    def __call__(self, *args, **kwargs):
+        before = self.layer._mhc_open_pass
+        outputs = self.layer._te_cuda_graph_capture(*args, **kwargs)
+        self.layer._mhc_open_pass = before
+        self.replays += 1
+        return outputs
+
+
+@pytest.mark.parametrize("modules", [["attn"], []], ids=["attn-scope", "whole-layer"])
+def test_te_graph_replay_without_host_state_equals_forward(megatron_cpu, monkeypatch, modules):
+    """The plumbing of ``--cuda-graph-impl transformer_engine`` on CPU: Megatron's own replay path
+    (``__call__`` -> ``_te_cuda_graph_replay`` -> the graph -> the MLP side eagerly when the scope
+    is ``attn``) with stand-in graphs that run no host code gives ``forward()``'s loss and every
+    gradient. (Captured replay on a GPU is not checked yet: the flag stays refused.)"""
+    from megatron.core.transformer.enums import CudaGraphModule
+
+    torch.manual_seed(0)
+    tokens = _tokens(4)
+    model = build_tiny_gpt(TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16), MHC_TORCH)
+    state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    loss0 = lm_loss(model, tokens)
+    loss0.backward()
+    grads0 = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model = build_tiny_gpt(TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16), MHC_TORCH)
+    model.load_state_dict(state, strict=False)
+    monkeypatch.setattr(model.config, "cuda_graph_impl", "transformer_engine")
+    monkeypatch.setattr(model.config, "cuda_graph_modules",
+                        [CudaGraphModule[m] for m in modules])
+    from megatron.core.transformer.module import GraphableMegatronModule
+
+    for module in model.modules():  # what their constructors do under this flag
+        if isinstance(module, GraphableMegatronModule):
+            module.cuda_graphs, module.cuda_graph_manual_hooks = [], []
+    graphs = []
+    for layer in model.decoder.layers:
+        graphs.append(_ReplayWithoutHostCode(layer))
+        layer.cuda_graphs = [graphs[-1]]
+        # Megatron's version imports TE to build a zero mask; the stand-in takes the arguments.
+        monkeypatch.setattr(layer, "_get_te_cuda_graph_replay_args", lambda *a, **k: (a, k))
+        layer._mhc_open_pass = None
+    loss1 = lm_loss(model, tokens)
+    loss1.backward()
+    assert all(graph.replays == 1 for graph in graphs)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for name, grad in grads0.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-6,
+                                   atol=1e-7, msg=name)
+
+
+def test_te_graph_static_inputs_are_n_streams_wide_after_the_first_layer(megatron_cpu,
+                                                                          monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    model = build_tiny_gpt(TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16), MHC_TORCH)
+    widths = [layer.get_layer_static_inputs(16, 2)["hidden_states"].shape
+              for layer in model.decoder.layers]
+    assert widths == [(16, 2, 32), (16, 2, 4 * 32), (16, 2, 4 * 32)]
+
+
 def test_entry_norm_refuses_to_run_the_mlp_entry_inside_a_layernorm_recompute(megatron_cpu):
     """The pre-MLP norm module runs the MLP entry when the EP-overlap callables call it on the
     stream; inside Megatron's layernorm recompute (no autograd) it stops instead of building an

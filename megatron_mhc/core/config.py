@@ -171,9 +171,8 @@ def _finite(value) -> bool:
 CUDA_GRAPH_IMPLS = ("none", "local")
 #: Why the other ``--cuda-graph-impl`` values are refused.
 _REFUSED_GRAPH_IMPLS = {
-    "transformer_engine": "its per-layer capture makes every layer's static input C wide, where "
-                          "the mHC layers after the first take the n*C-wide streams, and its "
-                          "captured replay was not checked with mHC on a GPU",
+    "transformer_engine": "its captured replay was not yet checked against eager with mHC on a "
+                          "GPU (the replay path runs with mHC in CPU tests)",
     "full_iteration": "the whole-step capture was not run with mHC (the host-side state the layer "
                       "keeps between forwards is not replayed by it)",
 }
@@ -187,9 +186,10 @@ def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
     ``local`` (per-layer graphs of Megatron's ``CudaGraphManager``) captures the layer's own
     ``forward``, so the mHC ops are inside the graph (run: replay = eager on an H100);
     ``transformer_engine`` captures ``_forward_attention`` / ``_forward_mlp`` (which run the mHC
-    work: the capture function run eagerly equals ``forward()``), but it builds every layer's
-    static input C wide (the layers after the first take n*C) and its captured replay was not
-    checked on a GPU; ``full_iteration`` was never run with mHC.
+    work; the layer gives n*C-wide static inputs after the first layer and opens the MLP side's
+    pass itself after a replay: Megatron's replay path with stand-in graphs equals ``forward()``
+    on CPU), but its captured replay was not checked on a GPU; ``full_iteration`` was never run
+    with mHC.
     ``--cuda-graph-modules`` scopes (attention only, MoE router, ...) were not run with mHC: only
     whole-layer graphs were. The mHC recompute registry and the high-priority merge stream are
     host-side logic a graph replay does not run, so they are refused with graphs.

@@ -137,6 +137,13 @@ def _cross_layer_fusion_allowed(config: TransformerConfig) -> bool:
             and getattr(config, "cuda_graph_impl", "none") in (None, "none"))
 
 
+def _te_graphs(config: TransformerConfig) -> bool:
+    """Transformer-Engine's per-layer graphs (``--cuda-graph-impl transformer_engine``): they
+    capture ``_forward_attention`` (and, by scope, the MLP side) alone, so no host-side state may
+    cross from the attention side to the MLP side."""
+    return getattr(config, "cuda_graph_impl", "none") == "transformer_engine"
+
+
 class _LayerPass:
     """One forward pass through an mHC layer, from its first sublayer method to its last: what
     the attention side leaves for the MLP side (found again through the stream's storage)."""
@@ -345,6 +352,8 @@ class MHCLayerMixin:
             aggregate, h_post, h_res, x_link, link = self._enter(self.attn_hc, layer_pass, x)
             y, context = super()._forward_attention(aggregate, *args, **kwargs)
             next_hc = self.mlp_hc if self.has_mlp else layer_pass.next_layer_hc
+            if _te_graphs(self.config):
+                next_hc = None  # the MLP entry may run outside the attention side's graph
             x, layer_pass.projection = self._merge(
                 self.attn_hc, layer_pass, x, x_link, y, h_post, h_res, link, next_hc)
         if not self.has_mlp:
@@ -405,10 +414,16 @@ class MHCLayerMixin:
         ``[s, b, n*C]`` that this layer's attention side returned (or a detached copy of it)."""
         layer_pass = self._mhc_open_pass
         if layer_pass is None or layer_pass.stream_key != _storage_key(hidden_states):
-            raise RuntimeError(
-                f"mHC layer {self.layer_number}: the MLP sublayer was given a stream that is not "
-                "this layer's attention output (a caller ran the MLP side without the layer's "
-                "_forward_attention first)")
+            if not _te_graphs(self.config):
+                raise RuntimeError(
+                    f"mHC layer {self.layer_number}: the MLP sublayer was given a stream that is "
+                    "not this layer's attention output (a caller ran the MLP side without the "
+                    "layer's _forward_attention first)")
+            # A TE graph replayed the attention side: no host code ran, so no pass was opened.
+            # Under TE graphs a pass carries no tensors (no projection crosses, no recompute).
+            layer_pass = _LayerPass(False, None, None, None)
+            layer_pass.stream_key = _storage_key(hidden_states)
+            self._mhc_open_pass = layer_pass
         n, hidden = self.mhc_config.n, self.config.hidden_size
         x = hidden_states.unflatten(-1, (n, hidden))
         aggregate, h_post, h_res, x_link, link = self._enter(self.mlp_hc, layer_pass, x)
@@ -483,6 +498,18 @@ class MHCLayerMixin:
             self.mlp_hc, layer_pass, x, x_link, y, h_post, h_res, link,
             layer_pass.next_layer_hc, high_priority=high_priority)
         return self._finish_pass(layer_pass, out, projection)
+
+    # ------------------------------------------------------------- TE per-layer graphs
+    def get_layer_static_inputs(self, seq_length: int, micro_batch_size: int):
+        """Megatron's static inputs for this layer's TE graph capture, the hidden states n*C wide
+        in the layers after the model's first (they take the streams)."""
+        static_inputs = super().get_layer_static_inputs(seq_length, micro_batch_size)
+        hidden = static_inputs.get("hidden_states")
+        if hidden is not None and not self.is_first_mhc_layer and not self.mhc_config.is_residual:
+            static_inputs["hidden_states"] = torch.ones(
+                (*hidden.shape[:-1], self.mhc_config.n * hidden.shape[-1]), dtype=hidden.dtype,
+                device=hidden.device, requires_grad=hidden.requires_grad)
+        return static_inputs
 
     # ------------------------------------------------------------------------- shared
     def _enter(self, hc: HyperConnection, layer_pass: _LayerPass, x: Tensor):
