@@ -85,7 +85,11 @@ def add_mhc_post_node(plan, event, comp_stream, extra_args: dict) -> bool:
         final_norm = getattr(node.chunk_state.model.decoder, "final_layernorm", None)
         if not node.is_mtp and final_norm is not None and node.is_last_layer:
             hidden_states = final_norm(hidden_states)
-        return make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
+        out = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
+        if out.is_cuda and layer.mhc_config.overlap:
+            # Made on the high-priority stream, read by the next node on the compute stream.
+            out.record_stream(comp_stream() if callable(comp_stream) else comp_stream)
+        return out
 
     plan.mtp_post_process = TransformerLayerNode(
         _merge_stream(layer, comp_stream), event, plan.layer_state, plan.chunk_state, mhc_post,
