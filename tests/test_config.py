@@ -1,5 +1,7 @@
 """MHCConfig validation: every bad value names its flag and the allowed values."""
 
+import re
+
 import pytest
 import torch
 
@@ -80,3 +82,20 @@ def test_auto_takes_the_first_available_backend(monkeypatch, triton_ok, tilelang
     monkeypatch.setattr(backends, "triton_availability", availability(triton_ok))
     monkeypatch.setattr(backends, "tilelang_availability", availability(tilelang_ok))
     assert backends.resolve_backend("auto") == expected
+
+
+def test_auto_says_which_measurement_it_rests_on():
+    """``megatron-mhc info`` says why ``auto`` resolves as it does: the committed measurement for
+    the GPU generation (its raw-log folder exists), or that the generation was not measured."""
+    from pathlib import Path
+
+    from megatron_mhc.core.backends import AUTO_MEASURED, auto_choice_reason
+
+    hopper = auto_choice_reason((9, 0))
+    assert "measured on Hopper" in hopper and "CUDA entry forward" in hopper
+    root = Path(__file__).resolve().parent.parent
+    for text in AUTO_MEASURED.values():
+        for folder in re.findall(r"benchmarks/results/[^;)\s]+", text):
+            assert (root / folder).is_dir(), folder
+    assert "sm_100 not measured" in auto_choice_reason((10, 0))
+    assert auto_choice_reason(None if not torch.cuda.is_available() else (8, 0))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
 
 from megatron_mhc.core.config import KERNEL_BACKENDS
 
@@ -78,6 +80,29 @@ def backend_report() -> Dict[str, Availability]:
 #: Preference order of ``auto``: Triton first, since it serves every dtype and hidden size and
 #: measured within a point of ``tilelang`` at the layer level (benchmarks/RESULTS.md).
 AUTO_ORDER = ("triton", "tilelang", "torch")
+
+#: The committed measurements behind ``auto``'s order, per GPU generation (compute capability
+#: major). A generation not listed was not measured: ``auto`` keeps ``AUTO_ORDER`` there.
+AUTO_MEASURED = {
+    9: "measured on Hopper (H100): Triton's entry forward 237 us against 670 us for this "
+       "project's CUDA entry forward (kernels/cuda, one read of x; C 4096, 8192 tokens, n 4, "
+       "bf16; benchmarks/results/2026-12-05_cuda_entry/), so the CUDA kernel is no backend",
+}
+
+
+def auto_choice_reason(capability: Optional[Tuple[int, int]] = None) -> str:
+    """Why ``auto`` resolves as it does on a GPU of compute ``capability`` (default: the current
+    device's; ``None`` without a GPU), for ``megatron-mhc info``."""
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    order = ", ".join(AUTO_ORDER)
+    if capability is None:
+        return f"no GPU: the first available of {order}"
+    measured = AUTO_MEASURED.get(capability[0])
+    if measured is None:
+        return (f"sm_{capability[0]}{capability[1]} not measured: the first available of {order} "
+                "(benchmarks/bench_entry_forward.py and bench_layer.py measure a GPU)")
+    return f"the first available of {order}; {measured}"
 
 
 def resolve_backend(requested: str) -> str:

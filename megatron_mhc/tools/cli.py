@@ -27,6 +27,7 @@ def info() -> int:
 
     import megatron_mhc
     from megatron_mhc.core.backends import (
+        auto_choice_reason,
         backend_report,
         resolve_backend,
         transformer_engine_availability,
@@ -46,7 +47,8 @@ def info() -> int:
               f"{': ' + status.reason if status.reason else ''}")
     te = transformer_engine_availability()
     print(f"  transformer-engine      {'available' if te.available else 'unavailable: ' + te.reason}")
-    print(f"  --mhc-kernel-backend auto resolves to: {resolve_backend('auto')}")
+    print(f"  --mhc-kernel-backend auto resolves to: {resolve_backend('auto')} "
+          f"({auto_choice_reason()})")
     return 0
 
 
