@@ -72,3 +72,21 @@ def test_entry_backward_before_its_merge_backward_is_refused():
     link.merge(reference.post_res_merge, x_leaf, agg.detach(), h_post, h_res)
     with pytest.raises(RuntimeError, match="before its merge's backward"):
         torch.autograd.backward(x_link, torch.ones_like(x_link))
+
+
+def test_generic_link_under_autograd_grad_with_named_inputs():
+    """``torch.autograd.grad(out, inputs=...)``, as ``torch.cuda.make_graphed_callables`` (the
+    local CUDA-graph path) computes the backward: the engine runs only the nodes that lead to the
+    named inputs, so the merge's hand-over of dH_post / dH_res must sit on the stream's path (it
+    ran on a side branch to the cut leaves once, was skipped, and the entry refused)."""
+    inputs0, inputs1 = _inputs(13), _inputs(13)
+    _plain(inputs0)
+    link = GenericLink()
+    agg, h_post, h_res, x_link = link.enter(reference.enter, inputs1["x"], inputs1["phi"],
+                                            inputs1["alpha"], inputs1["bias"], "mhc", 20, 1e-6)
+    out = link.merge(reference.post_res_merge, x_link, torch.tanh(agg @ inputs1["w"]), h_post,
+                     h_res)
+    names = sorted(inputs1)
+    grads = torch.autograd.grad(out.pow(2).sum(), [inputs1[k] for k in names])
+    for name, grad in zip(names, grads):
+        torch.testing.assert_close(grad, inputs0[name].grad, rtol=1e-12, atol=1e-14, msg=name)

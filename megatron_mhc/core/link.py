@@ -13,12 +13,14 @@ are not tensors Megatron knows about. The kernel sets' linked pair (``enter_link
   outputs, ``x_link``: ``x`` through an identity function whose backward also hands the mappings'
   gradients, left in the link by the merge, to their producers;
 * ``GenericLink.merge(ops_merge, x_link, y, h_post, h_res)`` merges with ``H_post`` / ``H_res``
-  cut from the entry's graph (fresh leaves); its backward leaves their gradients in the link.
+  cut from the entry's graph (fresh leaves) and ``x_link`` passed through the function that
+  collects their gradients: its backward leaves them in the link and hands the stream's gradient
+  on to ``x_link``.
 
-The merge's backward always runs before the entry's (the entry's ``x_link`` feeds the merge), so
-the gradients are there when the entry's backward asks; in one graph, the two functions are
-siblings after the merge's backward and PyTorch's engine runs the later-created one (the
-collector, made in the merge) first. Values are those of the plain composition.
+The collector sits on the stream's own path (merge -> collector -> ``x_link`` -> entry), so its
+backward runs before the entry's by data dependency, in one graph and across schedule nodes, and
+also under ``torch.autograd.grad(..., inputs=...)`` (which runs only the nodes leading to the
+named inputs, as the local CUDA-graph capture does). Values are those of the plain composition.
 """
 
 from __future__ import annotations
@@ -52,26 +54,30 @@ class GenericLink:
               h_res: Tensor) -> Tensor:
         """``ops_merge(x_link, y, H_post, H_res)`` whose mapping gradients go to the link."""
         self.merged = True
-        h_post, h_res = _SendMappingGrads.apply(h_post.detach().requires_grad_(),
-                                                h_res.detach().requires_grad_(), self)
+        x_link, h_post, h_res = _SendMappingGrads.apply(
+            x_link, h_post.detach().requires_grad_(), h_res.detach().requires_grad_(), self)
         return ops_merge(x_link, y, h_post, h_res)
 
 
 class _SendMappingGrads(torch.autograd.Function):
-    """Identity on ``(H_post, H_res)`` (detached); the backward stores their gradients."""
+    """Identity on ``(x_link, H_post, H_res)`` (the mappings detached); the backward stores the
+    mappings' gradients in the link and passes the stream's gradient on."""
 
     @staticmethod
-    def forward(ctx, h_post, h_res, link):
+    def forward(ctx, x_link, h_post, h_res, link):
+        ctx.set_materialize_grads(False)
         ctx.link = link
-        return h_post.view_as(h_post), h_res.view_as(h_res)
+        return x_link.view_as(x_link), h_post.view_as(h_post), h_res.view_as(h_res)
 
     @staticmethod
-    def backward(ctx, dh_post, dh_res):
+    def backward(ctx, dx, dh_post, dh_res):
         link = ctx.link
-        link.dh_post = dh_post if link.dh_post is None else link.dh_post + dh_post
-        link.dh_res = dh_res if link.dh_res is None else link.dh_res + dh_res
-        link.stream = torch.cuda.current_stream(dh_post.device) if dh_post.is_cuda else None
-        return None, None, None
+        if dh_post is not None:
+            link.dh_post = dh_post if link.dh_post is None else link.dh_post + dh_post
+            link.stream = torch.cuda.current_stream(dh_post.device) if dh_post.is_cuda else None
+        if dh_res is not None:
+            link.dh_res = dh_res if link.dh_res is None else link.dh_res + dh_res
+        return dx, None, None, None
 
 
 class _ReceiveMappingGrads(torch.autograd.Function):
@@ -98,7 +104,8 @@ class _ReceiveMappingGrads(torch.autograd.Function):
             # consumed here: keep their memory until this stream is done with them.
             current = torch.cuda.current_stream(dh_post.device)
             if current != link.stream:
-                dh_post.record_stream(current)
-                dh_res.record_stream(current)
+                for grad in (dh_post, dh_res):
+                    if grad is not None:
+                        grad.record_stream(current)
         link.dh_post = link.dh_res = link.stream = None
         return dx, dh_post, dh_res, None
