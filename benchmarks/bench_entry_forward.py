@@ -12,7 +12,8 @@ rounds.
         [--plans 16,6,4;16,8,6] [--iters-probe]
 
 ``--plans``: also time these CUDA launch plans (cluster, stages, distance); ``--iters-probe``: the
-CUDA kernel with 1 Sinkhorn iteration as well (how much the mapping latency costs).
+CUDA kernel with 1 Sinkhorn iteration as well (how much the mapping latency costs), and timing
+probes without the projection loop (probe1), the pre-apply loop (probe2) or both (probe3).
 """
 
 import argparse
@@ -71,6 +72,10 @@ def bench_shape(t, n, c, bw, plans, rounds, iters_probe):
     if iters_probe:
         variants["cuda iters=1"] = lambda: cuda_entry.entry_forward(*nxt(), True, 1, 1e-6,
                                                                     fallback=False)
+        # timing probes (wrong results): no projection loop / no pre-apply loop / neither
+        for dbg in (1, 2, 3):
+            variants[f"cuda probe{dbg}"] = (lambda dbg=dbg: cuda_entry.entry_forward(
+                *nxt(), True, 20, 1e-6, fallback=False, _debug=dbg))
     plan_info = {}
     for name, fn in list(variants.items()):
         try:

@@ -94,7 +94,7 @@ def _load():
                 lib.mhc_entry_forward.argtypes = (
                     [ctypes.c_void_p] * 10
                     + [ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_float]
-                    + [ctypes.c_int] * 8 + [ctypes.c_void_p])
+                    + [ctypes.c_int] * 9 + [ctypes.c_void_p])
                 lib.mhc_entry_last_error.restype = ctypes.c_char_p
                 lib.mhc_entry_last_plan.argtypes = [ctypes.POINTER(ctypes.c_int)]
                 _LIB = lib
@@ -155,7 +155,8 @@ def _triton_forward(x, phi, alpha, bias, variant_mhc, iters, eps):
 
 
 def entry_forward(x, phi, alpha, bias, variant_mhc=True, iters: int = 20, eps: float = 1e-6, *,
-                  out=None, plan=None, max_clusters: int = 0, fallback: bool = True):
+                  out=None, plan=None, max_clusters: int = 0, fallback: bool = True,
+                  _debug: int = 0):
     """One-pass entry forward; same returns as ``_mappings_forward(..., with_pre=True)``.
 
     ``variant_mhc``: True / "mhc" or False / "hc". ``out``: optional preallocated
@@ -210,7 +211,7 @@ def entry_forward(x, phi, alpha, bias, variant_mhc=True, iters: int = 20, eps: f
             proj.data_ptr(), rinv.data_ptr(), h_pre.data_ptr(), h_post.data_ptr(),
             h_res.data_ptr(), agg.data_ptr(), t, n, c, float(eps), int(iters),
             int(bool(variant_mhc)), _DTYPES[x.dtype], int(cl), int(stages), int(dist),
-            int(tokens), int(max_clusters), stream)
+            int(tokens), int(max_clusters), int(_debug), stream)
     if rc != 0:
         msg = lib.mhc_entry_last_error().decode()
         if fallback and "fits" in msg:  # no launch plan for this shape: Triton

@@ -16,10 +16,11 @@
 //     mbarrier), reads it once for the projection partials (ldmatrix + mma.sync, sum of squares from
 //     the same fragments) and once more, from shared memory, for its slice of agg;
 //   * pushes its partials [TT, M + 1] into the tile owner's shared memory (DSMEM; owner = tile
-//     index mod CL) and arrives on the owner's mbarrier;
+//     index mod CL) with st.async, each store completing bytes of the owner's mbarrier (no
+//     cluster-scope fence or release: those wait for the CTA's outstanding global stores);
 //   * runs a mapping warp: for each tile it owns it sums the CL partials, computes rinv and the
 //     mappings of the tile's tokens (one token per lane), writes proj / rinv / h_pre / h_post /
-//     h_res, and broadcasts H_pre into every CTA's shared memory (DSMEM + remote mbarrier arrive).
+//     h_res, and broadcasts H_pre into every CTA's shared memory (st.async again).
 // The stream warps run the projection of tile j and then the pre-apply of tile j - D, so the
 // mapping latency (the 2 * iters dependent Sinkhorn half-steps) overlaps D tiles of streaming.
 // x is read from HBM exactly once; phi once per CTA.
@@ -69,11 +70,12 @@ __device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
   return r;
 }
-__device__ __forceinline__ void st_cluster_f32(uint32_t addr, float v) {
-  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
-}
-__device__ __forceinline__ void fence_cluster() {
-  asm volatile("fence.acq_rel.cluster;" ::: "memory");
+// A store into another CTA's shared memory that completes `4 bytes` of the transaction count
+// of that CTA's mbarrier: the receiver's wait on the barrier then sees the data, no fence needed.
+__device__ __forceinline__ void st_async_f32(uint32_t addr, float v, uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(addr),
+               "r"(__float_as_uint(v)), "r"(remote_bar)
+               : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -87,10 +89,6 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t remote_bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote_bar)
-               : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
@@ -252,6 +250,7 @@ struct Params {
   float eps;
   int iters;
   int variant_mhc;
+  int debug;  // timing probes only: 1 skips the projection loop, 2 the pre-apply loop
 };
 
 __device__ __forceinline__ float fast_tanh(float v) {  // kernels/triton/mappings.py _tanh
@@ -301,7 +300,7 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
   // ---- prologue: barriers, zeroed x stages, phi fragments --------------------------------
   if (tid == 0) {
     for (int s = 0; s < S; ++s) mbar_init(bar_full + 8 * s, 1);
-    for (int s = 0; s < g.PR; ++s) mbar_init(bar_part + 8 * s, CL);
+    for (int s = 0; s < g.PR; ++s) mbar_init(bar_part + 8 * s, 1);
     for (int s = 0; s < PH; ++s) mbar_init(bar_hpre + 8 * s, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -408,7 +407,7 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
         const int lrow_tok = (lane & 7) + (NG == 2 ? ((lane >> 4) & 1) * 8 : 0);
         const uint32_t lrow = xstage + (uint32_t)((lrow_tok * g.RS + ((lane >> 3) & 1) * 8) * 2);
 #pragma unroll 2
-        for (int q = warp; q < g.NQ; q += W) {
+        for (int q = warp; q < ((p.debug & 1) ? 0 : g.NQ); q += W) {
           const int si = q / g.QPS;
           const int cc = (q - si * g.QPS) * 16;
           uint32_t b[NG][2];
@@ -464,6 +463,7 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
         const int rslot = (jj / CL) % g.PR;
         const uint32_t rbase = map_to_rank(sbase + g.off_recv, owner) +
                                (uint32_t)((rslot * CL + (int)rank) * (TT * g.MW * 4));
+        const uint32_t rbar = map_to_rank(bar_part + 8 * rslot, owner);
         for (int e = tid; e < TT * g.MW; e += STREAM_THREADS) {
           const int t = e / g.MW, j = e - t * g.MW;
           float v = 0.f;
@@ -474,17 +474,16 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
 #pragma unroll
             for (int w = 0; w < W; ++w) v += ssred[w * TT + t];
           }
-          st_cluster_f32(rbase + (uint32_t)(e * 4), v);
+          st_async_f32(rbase + (uint32_t)(e * 4), v, rbar);
         }
-        fence_cluster();
-        stream_barrier();
-        if (tid == 0) mbar_arrive_cluster(map_to_rank(bar_part + 8 * rslot, owner));
+        stream_barrier();  // red / ssred are rewritten by the next tile
       }
       if (jj >= D) {
         // pre-apply of tile a = jj - D from its shared-memory stage
         const int a = jj - D;
         const int s = a % S;
         const int hs = a % PH;
+        if (tid == 0) mbar_arrive_expect_tx(bar_hpre + 8 * hs, (uint32_t)(TT * N * 4));
         mbar_wait_cluster(bar_hpre + 8 * hs, (uint32_t)((a / PH) & 1));
         const long long tile = (long long)cid + (long long)a * ncl;
         const long long tok0 = tile * TT;
@@ -493,7 +492,7 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
         const float* hp = hpre_s + hs * TT * 8;
         const unsigned char* xst = xs + s * g.stage_bytes;
         E* aggp = reinterpret_cast<E*>(p.agg);
-        for (int e = tid; e < tv * nv; e += STREAM_THREADS) {
+        for (int e = tid; e < ((p.debug & 2) ? 0 : tv * nv); e += STREAM_THREADS) {
           const int t = e / nv, v = e - t * nv;
           float o[8];
 #pragma unroll
@@ -531,6 +530,7 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
     for (int jj = (int)rank; jj < ntile; jj += CL) {
       const int k = jj / CL;
       const int rslot = k % g.PR;
+      if (lane == 0) mbar_arrive_expect_tx(bar_part + 8 * rslot, (uint32_t)(CL * TT * g.MW * 4));
       mbar_wait_cluster(bar_part + 8 * rslot, (uint32_t)((k / g.PR) & 1));
       const float* rv = recv + rslot * CL * TT * g.MW;
       for (int e = lane; e < TT * g.MW; e += 32) {
@@ -619,16 +619,16 @@ __global__ void __launch_bounds__(THREADS, 1) entry_fwd_kernel(const Params p, c
         for (int i = 0; i < N; ++i) hpre_s[(PH * TT + t) * 8 + i] = hpre[i];
       }
       __syncwarp();
-      // H_pre of the tile into every CTA's slot hs: lane r stores CTA r's copy and then arrives
-      // on CTA r's barrier (release: its own stores are visible before the arrival)
+      // H_pre of the tile into every CTA's slot hs: lane r sends CTA r's copy (st.async, each
+      // store completing 4 bytes of that CTA's barrier, armed by its stream thread 0)
       if (lane < CL) {
         const uint32_t ra = map_to_rank(sbase + g.off_hpre + (uint32_t)(hs * TT * 8 * 4),
                                         (uint32_t)lane);
+        const uint32_t rb = map_to_rank(bar_hpre + 8 * hs, (uint32_t)lane);
         for (int t = 0; t < TT; ++t)
 #pragma unroll
           for (int i = 0; i < N; ++i)
-            st_cluster_f32(ra + (uint32_t)((t * 8 + i) * 4), hpre_s[(PH * TT + t) * 8 + i]);
-        mbar_arrive_cluster(map_to_rank(bar_hpre + 8 * hs, (uint32_t)lane));
+            st_async_f32(ra + (uint32_t)((t * 8 + i) * 4), hpre_s[(PH * TT + t) * 8 + i], rb);
       }
       __syncwarp();
     }
@@ -723,7 +723,7 @@ int mhc_entry_forward(const void* x, const void* phi, const float* alpha, const 
                       float* proj, float* rinv, float* h_pre, float* h_post, float* h_res,
                       void* agg, long long T, int n, int C, float eps, int iters, int variant_mhc,
                       int dtype, int force_cl, int force_s, int force_d, int tokens_per_tile,
-                      int max_clusters, void* stream) {
+                      int max_clusters, int debug, void* stream) {
   g_error[0] = 0;
   const int tt = tokens_per_tile == 16 ? 16 : 8;
   KernelFn fn = dtype == 0 ? pick<__nv_bfloat16>(n, tt) : pick<__half>(n, tt);
@@ -792,6 +792,7 @@ int mhc_entry_forward(const void* x, const void* phi, const float* alpha, const 
   prm.eps = eps;
   prm.iters = iters;
   prm.variant_mhc = variant_mhc;
+  prm.debug = debug;
   g_last_plan = {g.CL, g.S, g.D, (int)clusters, g.smem, tt};
   if (T == 0) return 0;
   e = cudaLaunchKernelEx(&cfg, fn, prm, g);

@@ -84,9 +84,9 @@ AUTO_ORDER = ("triton", "tilelang", "torch")
 #: The committed measurements behind ``auto``'s order, per GPU generation (compute capability
 #: major). A generation not listed was not measured: ``auto`` keeps ``AUTO_ORDER`` there.
 AUTO_MEASURED = {
-    9: "measured on Hopper (H100): Triton's entry forward 237 us against 670 us for this "
+    9: "measured on Hopper (H100): Triton's entry forward 231 us against 546 us for this "
        "project's CUDA entry forward (kernels/cuda, one read of x; C 4096, 8192 tokens, n 4, "
-       "bf16; benchmarks/results/2026-12-05_cuda_entry/), so the CUDA kernel is no backend",
+       "bf16; benchmarks/results/2026-12-06_h100/), so the CUDA kernel is no backend",
 }
 
 
