@@ -383,7 +383,8 @@ def _combined_1f1b_on_cpu():
     torch.Tensor.record_stream = lambda self, *_: None
 
 
-def ep_overlap_step(rank, world_size, port, out_path, overlap, hook, mhc_kwargs, vpp=None):
+def ep_overlap_step(rank, world_size, port, out_path, overlap, hook, mhc_kwargs, vpp=None,
+                    mtp_num_layers=None):
     """One training step (4 micro-batches) of a 4-layer mHC MoE GPT (4 experts, top-2, alltoall
     dispatcher) at EP = 2 (PP = world_size / 2, VPP = ``vpp``) through Megatron's own schedule:
     the combined-1F1B schedule with ``overlap`` (``--overlap-moe-expert-parallel-comm``), else the
@@ -427,6 +428,8 @@ def ep_overlap_step(rank, world_size, port, out_path, overlap, hook, mhc_kwargs,
         # pipeline_losses_and_grads.
         extra = dict(bf16=True, overlap_moe_expert_parallel_comm=overlap, batch_p2p_comm=False,
                      moe_token_dispatcher_type="alltoall")
+        if mtp_num_layers:
+            extra["mtp_num_layers"] = mtp_num_layers
         settings = TinyGPTSettings(num_layers=4, num_moe_experts=4, expert_model_parallel_size=ep,
                                    pipeline_model_parallel_size=pp, params_dtype=torch.bfloat16,
                                    virtual_pipeline_model_parallel_size=vpp, extra_config=extra)
@@ -462,7 +465,11 @@ def ep_overlap_step(rank, world_size, port, out_path, overlap, hook, mhc_kwargs,
         for chunk in chunks:
             offset = chunk.decoder.layers[0].layer_number - 1
             for name, p in chunk.named_parameters():
+                if p.grad is not None and name.startswith("mtp."):
+                    grads[name] = p.grad.detach().clone()
                 if p.grad is None or not ("_hc." in name or "router" in name or "experts" in name):
+                    continue
+                if not name.startswith("decoder.layers."):
                     continue
                 index, rest = name[len("decoder.layers."):].split(".", 1)
                 if ".local_experts." in rest:

@@ -395,11 +395,11 @@ def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, reques
 
 
 # ---------------------------------------------------------------- Megatron's whole schedule, EP = 2
-def _whole_step(tmp_path, name, world_size, overlap, hook, mhc_kwargs, vpp=None):
+def _whole_step(tmp_path, name, world_size, overlap, hook, mhc_kwargs, vpp=None, mtp=None):
     from dist_workers import ep_overlap_step, spawn
 
     path = tmp_path / f"{name}.pt"
-    spawn(ep_overlap_step, world_size, str(path), overlap, hook, mhc_kwargs, vpp)
+    spawn(ep_overlap_step, world_size, str(path), overlap, hook, mhc_kwargs, vpp, mtp)
     return torch.load(path)
 
 
@@ -412,16 +412,19 @@ def _assert_same_step(result, reference):
         torch.testing.assert_close(result["grads"][name], grad, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("hook", [False, True], ids=["megatron-plans", "mhc_post-node"])
-def test_combined_1f1b_step_equals_the_plain_schedule(tmp_path, hook):
+@pytest.mark.parametrize("hook, mtp", [(False, None), (True, None), (True, 1)],
+                         ids=["megatron-plans", "mhc_post-node", "mhc_post-node-mtp"])
+def test_combined_1f1b_step_equals_the_plain_schedule(tmp_path, hook, mtp):
     """One training step, 4 micro-batches, EP = 2 over gloo (Megatron's alltoall dispatcher),
     through Megatron's ``forward_backward_no_pipelining``: the combined-1F1B schedule
     (``--overlap-moe-expert-parallel-comm``) gives the plain schedule's losses and every
-    gradient (mHC, router, experts), bit for bit, with the MLP merge in Megatron's combine node
-    or in the mhc_post node."""
+    gradient (mHC, router, experts; the MTP layer's with ``--mtp-num-layers 1``, which Megatron
+    schedules as one more layer plan), bit for bit, with the MLP merge in Megatron's combine
+    node or in the mhc_post node."""
     mhc = dict(expansion_rate=4, kernel_backend="torch")
-    reference = _whole_step(tmp_path, "plain", 2, False, False, mhc)
-    result = _whole_step(tmp_path, "overlap", 2, True, hook, mhc)
+    reference = _whole_step(tmp_path, "plain", 2, False, False, mhc, mtp=mtp)
+    result = _whole_step(tmp_path, "overlap", 2, True, hook, mhc, mtp=mtp)
+    assert any(name.startswith("mtp.") for name in reference["grads"]) == bool(mtp)
     assert all(c["layer_runs"] == 0 and c["mhc_post_nodes"] == 0 for c in reference["counts"])
     # 4 layers x 4 micro-batches, each layer plan run once per micro-batch in each direction
     # (forward and backward of two micro-batches share one run).
