@@ -127,6 +127,27 @@ def exec_patched_schedules():
     schedules.__dict__.update(cpu_shims)
 
 
+def _mean_loss(output_tensor):
+    """The loss function the pipeline workers hand Megatron's schedules: the mean token loss."""
+    loss = output_tensor.float().mean()
+    return loss, {"loss": loss.detach()}
+
+
+def _run_megatron_schedule(forward_step, chunks, micro_batches):
+    """One training step of ``micro_batches`` (2 x 32 tokens each) over this rank's model
+    ``chunks`` through Megatron's own forward-backward schedule for the parallel state set up."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iterators = [iter(micro_batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches), seq_length=32, micro_batch_size=2,
+        forward_only=False,
+    )
+
+
 def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
                                first_stage_layers=None, tp=1, schedule_hook=False,
                                mtp_num_layers=None, reference_path=None):
@@ -139,7 +160,6 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
     from megatron.core.distributed.finalize_model_grads import (
         _allreduce_non_tensor_model_parallel_grads,
     )
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_mhc import MHCConfig
     from megatron_mhc.core.layer import MHCLayerMixin
@@ -184,23 +204,9 @@ def pipeline_losses_and_grads(rank, world_size, port, out_path, vpp, mhc_kwargs,
 
         def forward_step(data_iterator, model):
             input_ids, position_ids, labels, mask = causal_lm_inputs(next(data_iterator))
-            output = model(input_ids, position_ids, mask, labels=labels)
+            return model(input_ids, position_ids, mask, labels=labels), _mean_loss
 
-            def loss_func(output_tensor):
-                loss = output_tensor.float().mean()
-                return loss, {"loss": loss.detach()}
-
-            return output, loss_func
-
-        schedule = get_forward_backward_func()
-        iterators = [iter(micro_batches) for _ in chunks]
-        losses = schedule(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(micro_batches), seq_length=32, micro_batch_size=2,
-            forward_only=False,
-        )
+        losses = _run_megatron_schedule(forward_step, chunks, micro_batches)
         for chunk in chunks:  # Megatron's TP reduction of sequence-parallel parameters
             chunk.ddp_config = SimpleNamespace(use_megatron_fsdp=False)
         _allreduce_non_tensor_model_parallel_grads(chunks, chunks[0].config)
@@ -349,8 +355,9 @@ def cp_loss_and_grads(rank, world_size, port, out_path, mhc_kwargs):
         destroy_cpu_distributed()
 
 
-class _CPUStream:
-    """Stands in for a CUDA stream / event in the combined-1F1B schedule on CPU."""
+class CPUStream:
+    """Stands in for a CUDA stream / event on CPU (Megatron's schedule nodes and the
+    combined-1F1B schedule)."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -376,10 +383,10 @@ def _combined_1f1b_on_cpu():
     CUDA streams and events become no-ops, so its nodes run in issue order on one thread."""
     import contextlib
 
-    torch.cuda.Stream = _CPUStream
-    torch.cuda.Event = _CPUStream
+    torch.cuda.Stream = CPUStream
+    torch.cuda.Event = CPUStream
     torch.cuda.stream = lambda *_: contextlib.nullcontext()
-    torch.cuda.current_stream = lambda *_: _CPUStream()
+    torch.cuda.current_stream = lambda *_: CPUStream()
     torch.Tensor.record_stream = lambda self, *_: None
 
 
@@ -391,7 +398,6 @@ def ep_overlap_step(rank, world_size, port, out_path, overlap, hook, mhc_kwargs,
     plain one. ``hook``: the plans get the mhc_post node (``hook_schedule_plans``). Saves the
     losses and the gradients of every mHC, router and expert parameter, keyed by global name."""
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_mhc import MHCConfig
     from megatron_mhc.core.schedule_nodes import hook_schedule_plans
@@ -440,25 +446,12 @@ def ep_overlap_step(rank, world_size, port, out_path, overlap, hook, mhc_kwargs,
 
         def forward_step(data_iterator, model, return_schedule_plan=False):
             input_ids, position_ids, labels, mask = causal_lm_inputs(next(data_iterator))
-
-            def loss_func(output_tensor):
-                loss = output_tensor.float().mean()
-                return loss, {"loss": loss.detach()}
-
             if return_schedule_plan:
                 plan = model.build_schedule_plan(input_ids, position_ids, mask, labels=labels)
-                return plan, loss_func
-            return model(input_ids, position_ids, mask, labels=labels), loss_func
+                return plan, _mean_loss
+            return model(input_ids, position_ids, mask, labels=labels), _mean_loss
 
-        schedule = get_forward_backward_func()
-        iterators = [iter(micro_batches) for _ in chunks]
-        losses = schedule(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(micro_batches), seq_length=32, micro_batch_size=2,
-            forward_only=False,
-        )
+        losses = _run_megatron_schedule(forward_step, chunks, micro_batches)
         local = 4 // ep
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         grads = {}

@@ -23,6 +23,7 @@ import os
 
 import pytest
 import torch
+from dist_workers import CPUStream
 from fixtures.gpu import destroy_gpu_megatron, init_gpu_megatron, requires_cuda
 
 from megatron_mhc import MHCConfig
@@ -31,24 +32,11 @@ from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, cau
 SEQ, HIDDEN, LAYERS = 16, 32, 3
 
 
-class _NoStream:
-    """Stands in for a CUDA stream / event on CPU."""
-
-    def wait(self, *_):
-        pass
-
-    def record(self, *_):
-        pass
-
-    def wait_stream(self, *_):
-        pass
-
-
 @pytest.fixture
 def cpu_schedule(megatron_cpu, monkeypatch):
     """Megatron's schedule nodes on CPU: streams, events and ``record_stream`` are no-ops."""
     monkeypatch.setattr(torch.cuda, "stream", lambda *_: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *_: _NoStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *_: CPUStream())
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, *_: None)
     # With one expert-parallel rank the all-to-alls return their input, so a node that frees its
     # input after the forward (the dispatch and combine nodes) would free its output too.
@@ -117,7 +105,7 @@ def _layer_plans(model, mask, streams, plan_class):
     chunk.rotary_pos_emb = chunk.rotary_pos_cos = chunk.rotary_pos_sin = None
     chunk.packed_seq_params = chunk.sequence_len_offset = None
     chunk.model = model
-    comp, comm, event = streams or (_NoStream(), _NoStream(), _NoStream())
+    comp, comm, event = streams or (CPUStream(), CPUStream(), CPUStream())
     layers = model.decoder.layers
     return [plan_class(layer, event, chunk, lambda: comp, lambda: comm,
                        extra_args={"is_first_layer": i == 0, "is_last_layer": i == len(layers) - 1})
@@ -146,7 +134,7 @@ def _ep_overlap(model, batches, streams=None, plan_class=None):
         micro.append(dict(labels=labels, embedded=embedded,
                           plans=_layer_plans(model, mask, streams, plan_class)))
 
-    event = streams[2] if streams else _NoStream()
+    event = streams[2] if streams else CPUStream()
 
     def on_current_stream(fn):
         # As a schedule node: wait for the nodes before, and let the nodes after wait for this.
@@ -327,7 +315,7 @@ def test_mhc_post_node_runs_on_the_high_priority_stream_with_mhc_overlap(
         cpu_schedule, mhc_post_plans, monkeypatch):
     import megatron_mhc.core.schedule_nodes as schedule_nodes
 
-    side, compute = _NoStream(), _NoStream()
+    side, compute = CPUStream(), CPUStream()
     monkeypatch.setattr(schedule_nodes, "high_priority_stream", lambda device: side)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     model, plans = _plans_of("torch-moe", mhc_post_plans)
@@ -335,7 +323,7 @@ def test_mhc_post_node_runs_on_the_high_priority_stream_with_mhc_overlap(
     for layer in model.decoder.layers:
         layer.mhc_config = dataclasses.replace(layer.mhc_config, overlap=True)
     ids, pos, _, mask = causal_lm_inputs(_batches(1)[0])
-    plans = _layer_plans(model, mask, (compute, _NoStream(), _NoStream()), mhc_post_plans)
+    plans = _layer_plans(model, mask, (compute, CPUStream(), CPUStream()), mhc_post_plans)
     assert all(plan.mtp_post_process.stream() is side for plan in plans)
     assert plans[0].mlp.stream() is compute
 
