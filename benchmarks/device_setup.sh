@@ -3,9 +3,10 @@
 # what `bash tools/device/prepare.sh <Megatron-LM clone>` put in .carry/ (versions pinned in
 # tools/device/versions.env), one device call each, back to back on the same warm machine:
 #
-#   calls 1-4:  bash tools/device/stage_te.sh K                 carry [.carry/te/pK], K = 0..3
-#   call 5:     bash tools/device/build_te.sh && source benchmarks/device_setup.sh && ...
-#                                                              carry [.carry/te/p4, .carry/base]
+#   calls 1-5:  bash tools/device/stage_te.sh K                 carry [.carry/te/pK], K = 0..4
+#   call 6:     bash tools/device/build_te.sh && source benchmarks/device_setup.sh && ...
+#                                                              carry [.carry/te/p5, .carry/base]
+#   (the part count is whatever prepare.sh made: the last folder holds te_core.parts)
 #   later:      source benchmarks/device_setup.sh && ...        (nothing carried: /tmp persists)
 #
 # This script installs megatron-core and liger-kernel (.carry/base) and this checkout (built from the working tree,

@@ -9,6 +9,10 @@
 #                                              plain on GPU 1): FP8 hybrid, then bf16, 100 its
 #   bash benchmarks/te_stack_runs.sh graphs    the same pairs with --cuda-graph-impl local
 #                                              (full_iteration is refused with --enable-mhc)
+#   bash benchmarks/te_stack_runs.sh tegraphs  1 GPU: eager, --cuda-graph-impl local and
+#                                              --cuda-graph-impl transformer_engine, plain and
+#                                              mHC, one after the other in ROUNDS (default 1)
+#                                              interleaved rounds of ITERS (default 40)
 #   bash benchmarks/te_stack_runs.sh overhead  1 GPU: plain, mHC (linked kernels) and mHC with
 #                                              MHC_CROSS_SUBLAYER_FUSION=1, one after the other,
 #                                              in ROUNDS (default 2) interleaved rounds of ITERS
@@ -39,7 +43,7 @@
 # `precision` and `graphs` (graphs cannot replay the host-side recompute), so those four pairs
 # compare like with like. Logs go to $OUT/<stage>.tar.xz; the table is printed last.
 set -uo pipefail
-STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|overhead|losscurve|profile|gradfusion|resume}
+STAGE=${1:?usage: te_stack_runs.sh tests|parallel|precision|graphs|tegraphs|overhead|losscurve|profile|gradfusion|resume}
 source benchmarks/device_setup.sh || exit 1
 export MEGATRON_LM=/tmp/mlm PYTHON=python3 IMPL=te
 LOGS=/tmp/logs/$STAGE && mkdir -p "$LOGS" "${OUT:=/tmp/out}"
@@ -94,6 +98,16 @@ precision)
 graphs)
     export ITERS=${ITERS:-100} GPUS=1
     pair graphs_local GRAPHS=local
+    table ;;
+tegraphs)
+    export ITERS=${ITERS:-40} GPUS=1
+    for round in $(seq "${FIRST_ROUND:-1}" "${ROUNDS:-1}"); do
+        for graphs in eager local transformer_engine; do
+            g=$graphs; [[ $g == eager ]] && g=
+            run "${graphs}_plain_r$round" MHC_ARGS= GRAPHS=$g
+            run "${graphs}_mhc_r$round" "MHC_ARGS=$NO_RECOMPUTE" GRAPHS=$g
+        done
+    done
     table ;;
 overhead)
     export ITERS=${ITERS:-50} GPUS=1

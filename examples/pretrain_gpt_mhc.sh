@@ -12,8 +12,12 @@
 #   SP=1      sequence parallelism (needs TP > 1 and TE norms: IMPL te)
 #   FP8=1     FP8 GEMMs in the sublayers (--fp8-format hybrid, delayed scaling; needs TE); the mHC
 #             mappings stay in bf16 / fp32
-#   GRAPHS    local: Megatron's per-layer CUDA graphs (--cuda-graph-impl local); the default mHC
-#             flags then drop --mhc-recompute-block (host-side recompute cannot be replayed)
+#   GRAPHS    local: Megatron's per-layer CUDA graphs (--cuda-graph-impl local);
+#             transformer_engine: Transformer-Engine's per-layer graphs captured by Megatron's
+#             TECudaGraphHelper (IMPL=te); the default mHC flags then drop --mhc-recompute-block
+#             (host-side recompute cannot be replayed)
+#   GRAPH_MODULES  --cuda-graph-modules for GRAPHS=transformer_engine, e.g. "attn" (default: the
+#             whole layer)
 #   DISTOPT=1 --use-distributed-optimizer
 #   GRAD_FUSION=1  Megatron's --gradient-accumulation-fusion (weight grads, mHC's included, added
 #             straight into the float32 main_grad); Megatron needs Apex's
@@ -56,7 +60,13 @@ if [[ "${SP:-0}" == 1 && ( $TP -lt 2 || $IMPL != te ) ]]; then
 fi
 [[ "${FP8:-0}" == 1 && $IMPL != te ]] && fail "FP8=1 needs Transformer-Engine (IMPL=te); got IMPL=$IMPL"
 [[ $CP -gt 1 && $IMPL != te ]] && fail "CP=$CP needs Transformer-Engine attention (IMPL=te); got IMPL=$IMPL"
-case ${GRAPHS:-} in ""|local) ;; *) fail "GRAPHS=$GRAPHS: allowed local (or unset)" ;; esac
+case ${GRAPHS:-} in
+    ""|local) ;;
+    transformer_engine) [[ $IMPL == te ]] || fail "GRAPHS=transformer_engine needs Transformer-Engine (IMPL=te); got IMPL=$IMPL" ;;
+    *) fail "GRAPHS=$GRAPHS: allowed local, transformer_engine (or unset)" ;;
+esac
+[[ -n "${GRAPH_MODULES:-}" && "${GRAPHS:-}" != transformer_engine ]] \
+    && fail "GRAPH_MODULES=$GRAPH_MODULES needs GRAPHS=transformer_engine; got GRAPHS=${GRAPHS:-unset}"
 case ${GRAD_FUSION:-0} in
     0) ;;
     1) $PYTHON -c "import fused_weight_gradient_mlp_cuda" 2>/dev/null \
@@ -101,6 +111,8 @@ TRAIN_ARGS=(
 [[ "${GRAD_FUSION:-0}" == 0 ]] && MODEL_ARGS+=(--no-gradient-accumulation-fusion)
 if [[ -n "${GRAPHS:-}" ]]; then
     TRAIN_ARGS+=(--cuda-graph-impl "$GRAPHS")
+    # shellcheck disable=SC2206
+    [[ -n "${GRAPH_MODULES:-}" ]] && TRAIN_ARGS+=(--cuda-graph-modules $GRAPH_MODULES)
 fi
 DATA_ARGS=(
     --mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --split 99,1,0

@@ -16,8 +16,14 @@ CASES = [
     ({"IMPL": "te", "TP": "1", "SP": "1"}, "SP=1 needs TP > 1 and IMPL=te"),
     ({"IMPL": "local", "FP8": "1"}, "FP8=1 needs Transformer-Engine"),
     ({"IMPL": "local", "CP": "2"}, "CP=2 needs Transformer-Engine attention"),
-    ({"IMPL": "local", "GRAPHS": "cudnn"}, "GRAPHS=cudnn: allowed local"),
-    ({"IMPL": "local", "GRAPHS": "full_iteration"}, "GRAPHS=full_iteration: allowed local"),
+    ({"IMPL": "local", "GRAPHS": "cudnn"}, "GRAPHS=cudnn: allowed local, transformer_engine"),
+    ({"IMPL": "local", "GRAPHS": "full_iteration"},
+     "GRAPHS=full_iteration: allowed local, transformer_engine"),
+    ({"IMPL": "local", "GRAPHS": "transformer_engine"},
+     "GRAPHS=transformer_engine needs Transformer-Engine (IMPL=te)"),
+    ({"IMPL": "local", "GRAPH_MODULES": "attn"}, "GRAPH_MODULES=attn needs GRAPHS=transformer_engine"),
+    ({"IMPL": "local", "GRAPHS": "local", "GRAPH_MODULES": "attn"},
+     "GRAPH_MODULES=attn needs GRAPHS=transformer_engine"),
     ({"IMPL": "local", "GRAD_FUSION": "yes"}, "GRAD_FUSION=yes: allowed 0, 1"),
 ]
 if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:  # Apex absent

@@ -166,8 +166,8 @@ def test_incremental_decoding_on_te_matches_full_forward():
 def test_te_layer_graphs_replay_equals_eager(monkeypatch, modules):
     """TE's per-layer CUDA graphs (``--cuda-graph-impl transformer_engine``, captured by
     Megatron's ``TECudaGraphHelper``) on an mHC GPTModel (TE spec, Triton kernels, bf16): the
-    replayed step gives the eager model's loss and gradients. The flag is refused with mHC until
-    this passes on a GPU; the test lifts the refusal for itself."""
+    replayed step gives the eager model's loss and gradients, and the captured sublayer methods
+    do not run in Python (the replay is real)."""
     from fixtures.gpu import layer_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.num_microbatches_calculator import (
@@ -178,10 +178,6 @@ def test_te_layer_graphs_replay_equals_eager(monkeypatch, modules):
     from megatron.core.transformer.cuda_graphs import TECudaGraphHelper
     from megatron.core.transformer.enums import CudaGraphModule
 
-    import megatron_mhc.core.config as mhc_config_module
-
-    monkeypatch.setattr(mhc_config_module, "CUDA_GRAPH_IMPLS",
-                        ("none", "local", "transformer_engine"))
     mhc = MHCConfig(expansion_rate=4, kernel_backend="triton")
     seq, vocab = 128, 512
     tokens = torch.randint(0, vocab, (BATCH, seq + 1), device="cuda",
@@ -192,7 +188,8 @@ def test_te_layer_graphs_replay_equals_eager(monkeypatch, modules):
     def build(**graph_config):
         config = gpu_config(num_layers=3, use_te_rng_tracker=True, **graph_config)
         torch.manual_seed(0)
-        model_parallel_cuda_manual_seed(0, use_cudagraphable_rng=True, force_reset_rng=True)
+        model_parallel_cuda_manual_seed(0, te_rng_tracker=True, use_cudagraphable_rng=True,
+                                       force_reset_rng=True)
         return GPTModel(config=config, transformer_layer_spec=layer_spec("te", mhc),
                         vocab_size=vocab, max_sequence_length=seq,
                         position_embedding_type="rope").cuda()
@@ -209,14 +206,25 @@ def test_te_layer_graphs_replay_equals_eager(monkeypatch, modules):
     graphed = build(cuda_graph_impl="transformer_engine",
                     cuda_graph_modules=[CudaGraphModule[m] for m in modules])
     graphed.load_state_dict(eager.state_dict())
+    # The helper zeroes DDP's grad buffer after the capture; the bare model has none.
+    graphed.zero_grad_buffer = lambda: graphed.zero_grad(set_to_none=False)
     init_num_microbatches_calculator(0, None, BATCH, BATCH, 1)
     try:
         helper = TECudaGraphHelper(model=[graphed], config=graphed.config, seq_length=seq,
                                    micro_batch_size=BATCH, optimizers=[])
         helper.create_cudagraphs()
         assert all(layer.cuda_graphs for layer in graphed.decoder.layers)
+        layer_class = type(graphed.decoder.layers[0])
+        eager_calls = []  # a captured sublayer is replayed: its Python method does not run
+        for name in ("_forward_attention", "_forward_mlp"):
+            method = getattr(layer_class, name)
+            monkeypatch.setattr(layer_class, name, lambda self, *a, _m=method, _n=name, **k:
+                                eager_calls.append(_n) or _m(self, *a, **k))
         for _ in range(2):  # replays reuse the static buffers: the second must match too
+            eager_calls.clear()
             loss1, grads1 = step(graphed)
+            expected = [] if not modules else ["_forward_mlp"] * len(graphed.decoder.layers)
+            assert eager_calls == expected, eager_calls
             errors = {n: relative_error(grads1[n], g) for n, g in grads0.items()}
             worst = max(errors, key=errors.get)
             report("te_layer_graphs", modules=modules, loss_eager=loss0.item(),

@@ -141,8 +141,9 @@ FEATURE_ARGV = {
 #: Refused graph settings (not in REFUSED_FEATURES: cuda_graph_problems words them) and refused
 #: combinations (refused_feature_problems).
 GRAPH_ARGV = {
-    "--cuda-graph-impl transformer_engine": ["--cuda-graph-impl", "transformer_engine"],
     "--cuda-graph-modules": ["--cuda-graph-impl", "local", "--cuda-graph-modules", "attn"],
+    "--cuda-graph-modules moe_router": ["--cuda-graph-impl", "transformer_engine",
+                                        "--cuda-graph-modules", "moe_router"],
     "--cuda-graph-impl full_iteration": ["--cuda-graph-impl", "full_iteration"],
     "--recompute-modules layernorm with --overlap-moe-expert-parallel-comm": [
         "--overlap-moe-expert-parallel-comm", "--recompute-granularity", "selective",
@@ -182,6 +183,8 @@ def test_accepted_megatron_features_pass_argument_validation():
                  ["--recompute-granularity", "selective", "--recompute-modules", "core_attn",
                   "mlp", "layernorm", "moe", "shared_experts"],
                  ["--mlp-chunks-for-training", "2"], ["--cuda-graph-impl", "local"],
+                 ["--cuda-graph-impl", "transformer_engine"],
+                 ["--cuda-graph-impl", "transformer_engine", "--cuda-graph-modules", "attn"],
                  ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute",
                   "--ep-overlap-early-attn-memory-release"],
                  ["--overlap-moe-expert-parallel-comm", "--recompute-granularity", "selective",
@@ -203,7 +206,6 @@ CONFIG_FIELDS = {
     "--fine-grained-activation-offloading": dict(fine_grained_activation_offloading=True),
     "--cpu-offloading-num-layers": dict(cpu_offloading=True),
     "--fp32-residual-connection": dict(fp32_residual_connection=True),
-    "--cuda-graph-impl transformer_engine": dict(cuda_graph_impl="transformer_engine"),
     "--cuda-graph-impl full_iteration": dict(cuda_graph_impl="full_iteration"),
     "--recompute-modules layernorm with --overlap-moe-expert-parallel-comm": dict(
         overlap_moe_expert_parallel_comm=True, recompute_granularity="selective",
@@ -229,8 +231,7 @@ def test_refused_feature_stops_at_layer_construction(megatron_cpu, flag):
 def test_te_graph_capture_function_computes_the_layer_forward(megatron_cpu):
     """``_te_cuda_graph_capture`` (what ``--cuda-graph-impl transformer_engine`` captures) calls the
     sublayer methods itself; run eagerly it gives the layer's own ``forward()`` output, streams
-    and merges included. (The TE graph path stays refused until captured replay is checked on a
-    GPU.)"""
+    and merges included. (Captured replay on a GPU: ``tests/test_gpu_te.py``.)"""
     model = build_tiny_gpt(TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16), MHC_TORCH)
     hidden = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(2))
     mask = causal_lm_inputs(_tokens(1))[3]
@@ -259,23 +260,28 @@ class _ReplayWithoutHostCode:
         return outputs
 
 
-@pytest.mark.parametrize("modules", [["attn"], []], ids=["attn-scope", "whole-layer"])
-def test_te_graph_replay_without_host_state_equals_forward(megatron_cpu, monkeypatch, modules):
+@pytest.mark.parametrize("modules, experts", [(["attn"], None), ([], None), (["attn"], 4)],
+                         ids=["attn-scope", "whole-layer", "attn-scope-moe"])
+def test_te_graph_replay_without_host_state_equals_forward(megatron_cpu, monkeypatch, modules,
+                                                           experts):
     """The plumbing of ``--cuda-graph-impl transformer_engine`` on CPU: Megatron's own replay path
     (``__call__`` -> ``_te_cuda_graph_replay`` -> the graph -> the MLP side eagerly when the scope
     is ``attn``) with stand-in graphs that run no host code gives ``forward()``'s loss and every
-    gradient. (Captured replay on a GPU is not checked yet: the flag stays refused.)"""
+    gradient (dense, and MoE with the ``attn`` scope). The captured replay on a GPU:
+    ``tests/test_gpu_te.py::test_te_layer_graphs_replay_equals_eager``."""
     from megatron.core.transformer.enums import CudaGraphModule
 
     torch.manual_seed(0)
     tokens = _tokens(4)
-    model = build_tiny_gpt(TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16), MHC_TORCH)
+    settings = TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16,
+                               num_moe_experts=experts)
+    model = build_tiny_gpt(settings, MHC_TORCH)
     state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     loss0 = lm_loss(model, tokens)
     loss0.backward()
     grads0 = {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    model = build_tiny_gpt(TinyGPTSettings(num_layers=3, hidden_size=32, seq_length=16), MHC_TORCH)
+    model = build_tiny_gpt(settings, MHC_TORCH)
     model.load_state_dict(state, strict=False)
     monkeypatch.setattr(model.config, "cuda_graph_impl", "transformer_engine")
     monkeypatch.setattr(model.config, "cuda_graph_modules",
@@ -299,6 +305,27 @@ def test_te_graph_replay_without_host_state_equals_forward(megatron_cpu, monkeyp
     for name, grad in grads0.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-6,
                                    atol=1e-7, msg=name)
+
+
+def test_mlp_side_refuses_a_foreign_stream_unless_a_te_graph_replayed(megatron_cpu,
+                                                                      monkeypatch):
+    """Under ``--cuda-graph-impl transformer_engine`` the MLP side opens its own pass for a stream
+    it did not see (the attention side's graph replayed) only once the layer has captured graphs,
+    and only for an n*C-wide stream; otherwise it stops."""
+    model = build_tiny_gpt(TinyGPTSettings(num_layers=2, hidden_size=32, seq_length=16), MHC_TORCH)
+    layer = model.decoder.layers[1]
+    foreign = torch.randn(16, 2, 4 * 32, generator=torch.Generator().manual_seed(6))
+    with pytest.raises(RuntimeError, match="not this layer's attention output"):
+        layer._mlp_entry(foreign)  # no TE graphs
+    monkeypatch.setattr(model.config, "cuda_graph_impl", "transformer_engine")
+    layer.cuda_graphs = []
+    with pytest.raises(RuntimeError, match="no captured TE graph"):
+        layer._mlp_entry(foreign)  # TE graphs, none captured yet
+    layer.cuda_graphs = [object()]
+    with pytest.raises(RuntimeError, match="stream width 32, n\\*C = 128"):
+        layer._mlp_entry(foreign[..., :32])
+    aggregate, stream = layer._mlp_entry(foreign)
+    assert aggregate.shape == (16, 2, 32) and stream.shape == foreign.shape
 
 
 def test_te_graph_static_inputs_are_n_streams_wide_after_the_first_layer(megatron_cpu,

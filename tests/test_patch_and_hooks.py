@@ -222,6 +222,7 @@ def test_patch_cli_exit_codes(patch_set, tmp_path, capsys):
 def _parse(argv):
     parser = hooks.add_mhc_args(argparse.ArgumentParser())
     parser.add_argument("--cuda-graph-impl", default="none")
+    parser.add_argument("--cuda-graph-modules", nargs="*", default=None)
     parser.add_argument("--mtp-num-layers", type=int, default=None)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return parser.parse_args(argv)
@@ -234,6 +235,15 @@ def test_cuda_graph_impls_that_capture_the_layer_forward_are_accepted(impl):
         args = _parse(argv + ["--cuda-graph-impl", impl])
         hooks.validate_mhc_args(args)
         assert args.cuda_graph_impl == impl
+
+
+def test_te_graphs_are_accepted_for_the_mhc_variant_whole_layer_or_attention():
+    for scope in ([], ["--cuda-graph-modules", "attn"]):
+        args = _parse(["--enable-mhc", "--cuda-graph-impl", "transformer_engine"] + scope)
+        hooks.validate_mhc_args(args)
+    with pytest.raises(ValueError, match="--mhc-variant hc is not supported"):
+        hooks.validate_mhc_args(_parse(["--enable-mhc", "--mhc-variant", "hc",
+                                        "--cuda-graph-impl", "transformer_engine"]))
 
 
 def test_flags_build_the_config():
@@ -282,12 +292,15 @@ def test_overlap_flag_turns_on_megatrons_warmup_flush_p2p_overlap_with_vpp():
     (["--mhc-overlap"], "--mhc-overlap given without --enable-mhc"),
     (["--enable-mhc", "--mhc-expansion-rate", "1"], "--mhc-expansion-rate.*2..16"),
     (["--enable-mhc", "--mhc-gate-init", "-1"], "--mhc-gate-init"),
-    (["--enable-mhc", "--cuda-graph-impl", "transformer_engine"],
-     "--cuda-graph-impl transformer_engine .*allowed: none, local"),
     (["--enable-mhc", "--cuda-graph-impl", "full_iteration"],
-     "--cuda-graph-impl full_iteration .*not run with mHC.*allowed: none, local"),
+     "--cuda-graph-impl full_iteration .*not run with mHC.*allowed: none, local, "
+     "transformer_engine"),
     (["--enable-mhc", "--mhc-variant", "residual", "--cuda-graph-impl", "transformer_engine"],
-     "--cuda-graph-impl transformer_engine"),
+     "--cuda-graph-impl transformer_engine with --mhc-variant residual"),
+    (["--enable-mhc", "--cuda-graph-impl", "transformer_engine", "--cuda-graph-modules", "mlp"],
+     "--cuda-graph-modules mlp with --cuda-graph-impl transformer_engine .*allowed: attn"),
+    (["--enable-mhc", "--cuda-graph-impl", "transformer_engine", "--mhc-recompute-block", "2"],
+     "--mhc-recompute-block with --cuda-graph-impl transformer_engine"),
     (["--enable-mhc", "--cuda-graph-impl", "local", "--mhc-recompute-block", "2"],
      "--mhc-recompute-block with --cuda-graph-impl local"),
     (["--enable-mhc", "--cuda-graph-impl", "local", "--mhc-overlap"],

@@ -168,14 +168,15 @@ def _finite(value) -> bool:
 
 
 #: ``--cuda-graph-impl`` values the mHC layer runs under.
-CUDA_GRAPH_IMPLS = ("none", "local")
+CUDA_GRAPH_IMPLS = ("none", "local", "transformer_engine")
 #: Why the other ``--cuda-graph-impl`` values are refused.
 _REFUSED_GRAPH_IMPLS = {
-    "transformer_engine": "its captured replay was not yet checked against eager with mHC on a "
-                          "GPU (the replay path runs with mHC in CPU tests)",
     "full_iteration": "the whole-step capture was not run with mHC (the host-side state the layer "
                       "keeps between forwards is not replayed by it)",
 }
+#: ``--cuda-graph-modules`` scopes run with ``--cuda-graph-impl transformer_engine`` and mHC
+#: (none given: the whole layer).
+TE_GRAPH_MODULES = ("attn",)
 
 
 def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
@@ -184,15 +185,14 @@ def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
     configuration (empty: they can).
 
     ``local`` (per-layer graphs of Megatron's ``CudaGraphManager``) captures the layer's own
-    ``forward``, so the mHC ops are inside the graph (run: replay = eager on an H100);
-    ``transformer_engine`` captures ``_forward_attention`` / ``_forward_mlp`` (which run the mHC
-    work; the layer gives n*C-wide static inputs after the first layer and opens the MLP side's
-    pass itself after a replay: Megatron's replay path with stand-in graphs equals ``forward()``
-    on CPU), but its captured replay was not checked on a GPU; ``full_iteration`` was never run
-    with mHC.
-    ``--cuda-graph-modules`` scopes (attention only, MoE router, ...) were not run with mHC: only
-    whole-layer graphs were. The mHC recompute registry and the high-priority merge stream are
-    host-side logic a graph replay does not run, so they are refused with graphs.
+    ``forward``, so the mHC ops are inside the graph (replay = eager on an H100).
+    ``transformer_engine`` (Megatron's ``TECudaGraphHelper``) captures ``_forward_attention`` /
+    ``_forward_mlp``, which run the mHC work: the layer gives n*C-wide static inputs after the
+    first layer and, with the ``attn`` scope, opens the MLP side's pass itself after a replay
+    (replay = eager on an H100, whole layer and ``attn``; other scopes and the ``hc`` /
+    ``residual`` variants were not run). ``full_iteration`` was never run with mHC.
+    The mHC recompute registry and the high-priority merge stream are host-side logic a graph
+    replay does not run, so they are refused with graphs.
     """
     impl = cuda_graph_impl or "none"
     if impl == "none":
@@ -202,11 +202,21 @@ def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
         return [f"--cuda-graph-impl {impl} is not supported with mHC ({why}); allowed: "
                 + ", ".join(CUDA_GRAPH_IMPLS)]
     problems = []
-    modules = [str(getattr(m, "value", m)) for m in (cuda_graph_modules or [])]
+    modules = [str(getattr(m, "name", m)) for m in (cuda_graph_modules or [])]
     if impl == "local" and modules:
         problems.append(f"--cuda-graph-modules {' '.join(modules)} with --cuda-graph-impl local "
                         "is not supported with mHC: only whole-layer graphs (no "
                         "--cuda-graph-modules) were run with mHC")
+    if impl == "transformer_engine":
+        unrun = [m for m in modules if m not in TE_GRAPH_MODULES]
+        if unrun:
+            problems.append(f"--cuda-graph-modules {' '.join(unrun)} with --cuda-graph-impl "
+                            "transformer_engine is not supported with mHC (not run); allowed: "
+                            + ", ".join(TE_GRAPH_MODULES) + " (or none: the whole layer)")
+        if mhc_config.variant != "mhc":
+            problems.append(f"--cuda-graph-impl transformer_engine with --mhc-variant "
+                            f"{mhc_config.variant} is not supported (TE graphs were run with "
+                            "--mhc-variant mhc only); use --cuda-graph-impl local")
     if mhc_config.is_residual:
         return problems
     if mhc_config.recompute_block is not None:

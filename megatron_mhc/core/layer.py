@@ -414,11 +414,14 @@ class MHCLayerMixin:
         ``[s, b, n*C]`` that this layer's attention side returned (or a detached copy of it)."""
         layer_pass = self._mhc_open_pass
         if layer_pass is None or layer_pass.stream_key != _storage_key(hidden_states):
-            if not _te_graphs(self.config):
+            n_wide = self.mhc_config.n * self.config.hidden_size
+            if not (_te_graphs(self.config) and getattr(self, "cuda_graphs", None)
+                    and hidden_states.shape[-1] == n_wide):
                 raise RuntimeError(
                     f"mHC layer {self.layer_number}: the MLP sublayer was given a stream that is "
                     "not this layer's attention output (a caller ran the MLP side without the "
-                    "layer's _forward_attention first)")
+                    "layer's _forward_attention first, and no captured TE graph of the attention "
+                    f"side replayed; stream width {hidden_states.shape[-1]}, n*C = {n_wide})")
             # A TE graph replayed the attention side: no host code ran, so no pass was opened.
             # Under TE graphs a pass carries no tensors (no projection crosses, no recompute).
             layer_pass = _LayerPass(False, None, None, None)

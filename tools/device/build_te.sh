@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# On the GPU machine, in the repository root, after four calls copied .carry/te/p0..p3 into
-# /tmp/te (`bash tools/device/stage_te.sh K`): join the TE core wheel, install TE and pydantic
+# On the GPU machine, in the repository root, after one call per part but the last copied
+# .carry/te/p0.. into /tmp/te (`bash tools/device/stage_te.sh K`), carrying the last part folder
+# (default: the highest .carry/te/pK): join the TE core wheel, install TE and pydantic
 # into /tmp/site and build transformer-engine-torch there (MAX_JOBS=16, sm_90: ~110 s on an H100).
 # A prebuilt extension in .carry/te/prebuilt/ (from an earlier build's $OUT) skips the build.
 set -uo pipefail
 source tools/device/versions.env
-P4=${1:-.carry/te/p4}
-mkdir -p /tmp/te /tmp/site && cp "$P4"/* /tmp/te/ || exit 1
+LAST=${1:-$(ls -d .carry/te/p* 2>/dev/null | sort -V | tail -n 1)}
+[[ -f "$LAST/te_core.parts" ]] || { echo "build_te.sh: no te_core.parts in '$LAST': carry the last part folder (tools/device/prepare.sh)" >&2; exit 1; }
+mkdir -p /tmp/te /tmp/site && cp "$LAST"/* /tmp/te/ || exit 1
 cd /tmp/te || exit 1
-for k in 0 1 2 3 4; do
-    [[ -f te_core.part0$k ]] || { echo "build_te.sh: missing te_core.part0$k: run stage_te.sh 0..3 first on this machine" >&2; exit 1; }
+for (( k = 0; k < $(cat te_core.parts); k++ )); do
+    [[ -f te_core.part0$k ]] || { echo "build_te.sh: missing te_core.part0$k: run stage_te.sh $k first on this machine" >&2; exit 1; }
 done
 cat te_core.part0? > "transformer_engine_cu13-$TE_VERSION-py3-none-manylinux_2_28_x86_64.whl"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \

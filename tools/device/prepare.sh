@@ -8,8 +8,10 @@
 # Writes
 #   .carry/base/    megatron-core and liger-kernel wheels + the Megatron-LM files pretrain_gpt.py
 #                   needs (mlm/)
-#   .carry/te/p0..p3  the Transformer-Engine core wheel in 56 MiB parts
-#   .carry/te/p4    the last part, TE's meta wheel, the transformer-engine-torch sdist, pydantic
+#   .carry/te/p0..pK  the Transformer-Engine core wheel in 48 MiB parts (48 MiB + the project
+#                   tree fits one call's 64 MiB)
+#   .carry/te/pL    (L = K + 1) the last part, TE's meta wheel, the transformer-engine-torch sdist,
+#                   pydantic, and te_core.parts (how many parts there are)
 #   .carry/tl/      (TILELANG=1) tilelang, apache-tvm-ffi, tile-kernels and deps as one xz archive
 # PYTHON: an interpreter with pip, setuptools and torch (the project's .venv after
 # `bash tools/setup_env.sh --dev`); preparing the TE torch sdist's metadata imports torch.
@@ -31,19 +33,21 @@ git -C "$MLM" archive "$MEGATRON_LM_TAG" megatron pretrain_gpt.py pretrain_hybri
     hybrid_builders.py model_provider.py | tar -x -C "$tmp"
 mkdir -p "$CARRY/base/mlm" && cp -r "$tmp"/* "$CARRY/base/mlm/"
 
-rm -rf "$CARRY/te" && mkdir -p "$CARRY/te/dl" "$CARRY"/te/p{0,1,2,3,4}
+rm -rf "$CARRY/te" && mkdir -p "$CARRY/te/dl"
 download "$CARRY/te/dl" "transformer-engine-cu13==$TE_VERSION" "transformer-engine==$TE_VERSION" \
     "pydantic==$PYDANTIC_VERSION" "pydantic-core==$PYDANTIC_CORE_VERSION" \
     "annotated-types==$ANNOTATED_TYPES_VERSION" "typing-inspection==$TYPING_INSPECTION_VERSION"
 $PY -m pip download -q --no-deps --no-build-isolation --no-binary=:all: -d "$CARRY/te/dl" \
     "transformer-engine-torch==$TE_VERSION"
-split -b 56M -d "$CARRY"/te/dl/transformer_engine_cu13-*.whl "$CARRY/te/te_core.part"
+split -b 48M -d "$CARRY"/te/dl/transformer_engine_cu13-*.whl "$CARRY/te/te_core.part"
 parts=("$CARRY"/te/te_core.part*)
-[[ ${#parts[@]} == 5 ]] || { echo "expected 5 parts of the TE core wheel, got ${#parts[@]}" >&2; exit 1; }
-for k in 0 1 2 3 4; do mv "$CARRY/te/te_core.part0$k" "$CARRY/te/p$k/"; done
+(( ${#parts[@]} <= 10 )) || { echo "expected at most 10 parts of the TE core wheel, got ${#parts[@]}" >&2; exit 1; }
+for k in "${!parts[@]}"; do mkdir -p "$CARRY/te/p$k" && mv "${parts[$k]}" "$CARRY/te/p$k/"; done
+last=$CARRY/te/p$(( ${#parts[@]} - 1 ))
+echo "${#parts[@]}" > "$last/te_core.parts"
 mv "$CARRY"/te/dl/transformer_engine-"$TE_VERSION"-*.whl "$CARRY"/te/dl/transformer_engine_torch-*.tar.gz \
    "$CARRY"/te/dl/pydantic*.whl "$CARRY"/te/dl/annotated_types*.whl "$CARRY"/te/dl/typing_inspection*.whl \
-   "$CARRY/te/p4/"
+   "$last/"
 rm -rf "$CARRY/te/dl"
 
 if [[ "${TILELANG:-0}" == 1 ]]; then
@@ -54,4 +58,4 @@ if [[ "${TILELANG:-0}" == 1 ]]; then
     tar -C "$tmp/tl_site" -cJf "$CARRY/tl/tl_site.tar.xz" .
     rm -rf "$CARRY/tl/dl"
 fi
-du -sh "$CARRY"/base "$CARRY"/te/p? ${TILELANG:+"$CARRY/tl"}
+du -sh "$CARRY"/base "$CARRY"/te/p* ${TILELANG:+"$CARRY/tl"}
