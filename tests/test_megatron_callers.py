@@ -137,6 +137,9 @@ FEATURE_ARGV = {
     "--fp32-residual-connection": ["--fp32-residual-connection"],
     "--use-megatron-fsdp": ["--use-megatron-fsdp"],
     "--use-torch-fsdp2": ["--use-torch-fsdp2"],
+    "--delay-wgrad-compute": ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute"],
+    "--overlap-dispatch-backward-with-experts-wgrad": [
+        "--overlap-dispatch-backward-with-experts-wgrad"],
 }
 #: Refused graph settings (not in REFUSED_FEATURES: cuda_graph_problems words them) and refused
 #: combinations (refused_feature_problems).
@@ -185,8 +188,7 @@ def test_accepted_megatron_features_pass_argument_validation():
                  ["--mlp-chunks-for-training", "2"], ["--cuda-graph-impl", "local"],
                  ["--cuda-graph-impl", "transformer_engine"],
                  ["--cuda-graph-impl", "transformer_engine", "--cuda-graph-modules", "attn"],
-                 ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute",
-                  "--ep-overlap-early-attn-memory-release"],
+                 ["--overlap-moe-expert-parallel-comm", "--ep-overlap-early-attn-memory-release"],
                  ["--overlap-moe-expert-parallel-comm", "--recompute-granularity", "selective",
                   "--recompute-modules", "core_attn", "mlp", "shared_experts"]):
         hooks.validate_mhc_args(_megatron_args(["--enable-mhc"] + argv))
@@ -206,6 +208,9 @@ CONFIG_FIELDS = {
     "--fine-grained-activation-offloading": dict(fine_grained_activation_offloading=True),
     "--cpu-offloading-num-layers": dict(cpu_offloading=True),
     "--fp32-residual-connection": dict(fp32_residual_connection=True),
+    "--delay-wgrad-compute": dict(overlap_moe_expert_parallel_comm=True, delay_wgrad_compute=True),
+    "--overlap-dispatch-backward-with-experts-wgrad": dict(
+        overlap_dispatch_backward_with_experts_wgrad=True),
     "--cuda-graph-impl full_iteration": dict(cuda_graph_impl="full_iteration"),
     "--recompute-modules layernorm with --overlap-moe-expert-parallel-comm": dict(
         overlap_moe_expert_parallel_comm=True, recompute_granularity="selective",

@@ -680,6 +680,32 @@ def test_projection_for_another_phi_is_refused():
         ops.merge_linked_project(x_link, agg, h_post, h_res, link, phi[:-1])
 
 
+def test_merge_project_takes_the_cuda_kernels_result_where_it_applies(monkeypatch):
+    """``merge_linked_project`` returns what the CUDA merge + projection kernel made when it takes
+    the inputs (a Hopper GPU), and the Triton kernel's result when it declines (here)."""
+    from megatron_mhc.kernels.cuda import merge_project as cuda_merge_project
+
+    ops = _fusing_ops()
+    n, c, t, m = 4, 16, 5, 24
+    x = _randn(t, n, c, seed=41)
+    phi, phi2 = _randn(n * c, m, seed=42, scale=0.2), _randn(n * c, m, seed=43, scale=0.2)
+    alpha, bias = torch.full((3,), 0.5, device=DEVICE), _randn(m, seed=44)
+    agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias)
+    if DEVICE == "cpu":
+        assert "not on a CUDA device" in cuda_merge_project.unsupported_reason(x, phi2)
+    out, projection = ops.merge_linked_project(x_link, agg, h_post, h_res, link, phi2)
+    want = reference.post_res_merge(x.double(), agg.double(), h_post.double(), h_res.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+    made = (torch.randn(t, n, c, device=DEVICE), torch.randn(3, t, m, device=DEVICE),
+            torch.randn(3, t, device=DEVICE))
+    monkeypatch.setattr(cuda_merge_project, "merge_project_forward", lambda *a, **k: made)
+    agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias)
+    out, projection = ops.merge_linked_project(x_link, agg, h_post, h_res, link, phi2)
+    assert torch.equal(out, made[0])
+    assert projection.proj_part is made[1] and projection.ss_part is made[2]
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="16-bit tl.dot runs on a GPU only (the interpreter "
                                              "computes the mapping backward's GEMMs in float32)")
 @pytest.mark.parametrize("operands", ["input", "tf32"])

@@ -11,98 +11,48 @@ Where the kernel does not apply (no CUDA, not a Hopper GPU, float32 x, n > 8, C 
 8, no nvcc, a failed build, no plan that fits shared memory) ``entry_forward`` falls back to the
 Triton forward; ``availability()`` / ``unsupported_reason()`` say why.
 
-Build: the first call compiles ``entry_forward.cu`` with nvcc (CUDA_HOME / PATH) into a shared
-library under ``$MHC_CUDA_BUILD_DIR`` (default ``~/.cache/megatron_mhc/cuda``), keyed by a hash of
-the source and flags, and loads it through ctypes: the .cu has no torch headers, so the build takes
-seconds and does not depend on torch's C++ ABI.
+Build: the first call compiles ``entry_forward.cu`` with nvcc into a shared library loaded
+through ctypes (``_build.py``: where it goes, how it is named).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-_SOURCE = Path(__file__).with_name("entry_forward.cu")
-_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-shared",
-          "-Xcompiler", "-fPIC", "-lineinfo"]
-_LOCK = threading.Lock()
-_LIB = None
-_LIB_ERROR: Optional[str] = None
+from megatron_mhc.kernels.cuda._build import Library
+
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 #: Tokens per tile of the default plan (8 or 16; MHC_CUDA_ENTRY_TOKENS overrides).
 TOKENS_PER_TILE = int(os.environ.get("MHC_CUDA_ENTRY_TOKENS", "8"))
 
 
-def _nvcc() -> Optional[str]:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").is_file():
-        return str(Path(home) / "bin" / "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    if Path("/usr/local/cuda/bin/nvcc").is_file():
-        return "/usr/local/cuda/bin/nvcc"
-    return None
+def _declare(lib) -> None:
+    lib.mhc_entry_forward.restype = ctypes.c_int
+    lib.mhc_entry_forward.argtypes = (
+        [ctypes.c_void_p] * 10
+        + [ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_float]
+        + [ctypes.c_int] * 9 + [ctypes.c_void_p])
+    lib.mhc_entry_last_error.restype = ctypes.c_char_p
+    lib.mhc_entry_last_plan.argtypes = [ctypes.POINTER(ctypes.c_int)]
+
+
+LIBRARY = Library(Path(__file__).with_name("entry_forward.cu"), "libmhc_entry",
+                  "CUDA entry kernel", _declare)
 
 
 def library_path() -> Path:
     """Where the built library for the current source and flags lives (built or not)."""
-    digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("MHC_CUDA_BUILD_DIR",
-                               Path.home() / ".cache" / "megatron_mhc" / "cuda"))
-    return root / f"libmhc_entry_{digest}.so"
-
-
-def _build(target: Path) -> None:
-    nvcc = _nvcc()
-    if nvcc is None:
-        raise RuntimeError("nvcc not found (set CUDA_HOME)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        proc = subprocess.run([nvcc, *_FLAGS, "-o", str(out), str(_SOURCE)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"nvcc failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        os.replace(out, target)  # atomic: concurrent builders leave one complete library
+    return LIBRARY.path()
 
 
 def _load():
     """The loaded library, building it first if needed; raises RuntimeError with the reason."""
-    global _LIB, _LIB_ERROR
-    if _LIB is not None:
-        return _LIB
-    if _LIB_ERROR is not None:
-        raise RuntimeError(_LIB_ERROR)
-    with _LOCK:
-        if _LIB is None and _LIB_ERROR is None:
-            try:
-                path = library_path()
-                if not path.is_file():
-                    _build(path)
-                lib = ctypes.CDLL(str(path))
-                lib.mhc_entry_forward.restype = ctypes.c_int
-                lib.mhc_entry_forward.argtypes = (
-                    [ctypes.c_void_p] * 10
-                    + [ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_float]
-                    + [ctypes.c_int] * 9 + [ctypes.c_void_p])
-                lib.mhc_entry_last_error.restype = ctypes.c_char_p
-                lib.mhc_entry_last_plan.argtypes = [ctypes.POINTER(ctypes.c_int)]
-                _LIB = lib
-            except (OSError, RuntimeError) as exc:
-                _LIB_ERROR = f"CUDA entry kernel unavailable: {exc}"
-    if _LIB is None:
-        raise RuntimeError(_LIB_ERROR)
-    return _LIB
+    return LIBRARY.get()
 
 
 def availability() -> Tuple[bool, str]:

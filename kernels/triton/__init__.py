@@ -64,11 +64,13 @@ __all__ = [
     "project_stream", "projection_plan",
 ]
 
-#: Cross-sublayer fusion in the layer (``MHC_CROSS_SUBLAYER_FUSION=1``): off by default, because
-#: its merge + projection kernel is slower than the merge and projection kernels it replaces
-#: (H100, C=4096: 623 us against the merge's 216 us in the same run, plus 106 us for the
-#: projection pass in another; benchmarks/RESULTS.md). The ops themselves are
-#: always available here (``merge_linked_project``, ``enter_linked(..., projection=...)``).
+#: Cross-sublayer fusion in the layer (``MHC_CROSS_SUBLAYER_FUSION=1``): off by default. Its
+#: Triton merge + projection kernel is slower than the merge and projection kernels it replaces
+#: (H100, T = 8192, C = 4096: 640 us against 318 us for the two, one run); on Hopper the CUDA
+#: kernel (``kernels/cuda/merge_project.cu``) takes its place and is faster than the two (293 us;
+#: C = 7168: 475 against 547 us), but the fused layer was not timed end to end, so the default
+#: stays. The ops themselves are always available here (``merge_linked_project``,
+#: ``enter_linked(..., projection=...)``).
 CROSS_SUBLAYER_FUSION = os.environ.get("MHC_CROSS_SUBLAYER_FUSION", "0")
 if CROSS_SUBLAYER_FUSION not in ("0", "1"):
     raise ValueError(f"MHC_CROSS_SUBLAYER_FUSION={CROSS_SUBLAYER_FUSION!r}: allowed 0, 1")

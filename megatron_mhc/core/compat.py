@@ -6,8 +6,8 @@ run those methods or the MoE pieces themselves run mHC too: ``TransformerBlock``
 and selective activation recompute, ``--mlp-chunks-for-training``, the local CUDA graphs of whole
 layers, the static inference engine, HybridModel's attention / MLP / MoE layers, and the
 expert-parallel overlap schedule (``--overlap-moe-expert-parallel-comm``, with
-``--delay-wgrad-compute`` and ``--ep-overlap-early-attn-memory-release``). README's table "Which
-Megatron-Core paths run mHC" lists each with its test.
+``--ep-overlap-early-attn-memory-release``; ``--delay-wgrad-compute`` is refused: not run).
+README's table "Which Megatron-Core paths run mHC" lists each with its test.
 
 A feature that was not run with mHC, or that cannot be, is listed in ``REFUSED_FEATURES`` (or
 checked in ``refused_feature_problems``) and stops twice, with its flag named: at argument
@@ -56,6 +56,14 @@ REFUSED_FEATURES: Tuple[RefusedFeature, ...] = (
                    "not run with mHC (Megatron's DDP and distributed optimizer are)"),
     RefusedFeature(("use_torch_fsdp2",), "--use-torch-fsdp2",
                    "not run with mHC (Megatron's DDP and distributed optimizer are)"),
+    RefusedFeature(("delay_wgrad_compute",), "--delay-wgrad-compute",
+                   "Megatron defers Transformer-Engine's weight gradients to a later schedule "
+                   "node (and changes when DDP reduces them); it needs Transformer-Engine and has "
+                   "not run with mHC: the expert-parallel overlap runs without it"),
+    RefusedFeature(("overlap_dispatch_backward_with_experts_wgrad",),
+                   "--overlap-dispatch-backward-with-experts-wgrad",
+                   "it defers the experts' weight gradients inside the MoE layer (needs "
+                   "Transformer-Engine); not run with mHC"),
 )
 
 

@@ -1,0 +1,43 @@
+"""The CUDA C++ kernels (kernels/cuda/*.cu) compile with nvcc for sm_90 and load through ctypes,
+with the C interface the Python wrappers declare. Needs nvcc, not a GPU (skipped without nvcc);
+the kernels' values are tested on a Hopper GPU (test_cuda_kernels.py, test_cuda_merge_project.py).
+"""
+
+import pytest
+
+from megatron_mhc.kernels.cuda import _build, entry, merge_project
+
+pytestmark = pytest.mark.skipif(_build.nvcc_path() is None,
+                                reason="nvcc not found (set CUDA_HOME): the .cu files are not built")
+
+
+@pytest.fixture
+def build_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MHC_CUDA_BUILD_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_merge_project_library_builds_and_names_its_slices(build_dir):
+    library = _build.Library(merge_project.LIBRARY.source, "libmhc_merge_project", "test",
+                             merge_project._declare)
+    lib = library.get()
+    assert library.path().parent == build_dir and library.path().is_file()
+    assert [lib.mhc_merge_project_slice(n) for n in (2, 4, 8)] == [256, 256, 0]
+    assert lib.mhc_merge_project(*([None] * 8), 16, 8, 64, 0, 0, None) == -1  # n = 8 refused
+    assert b"n=8 not supported" in lib.mhc_merge_project_last_error()
+
+
+def test_entry_library_builds(build_dir):
+    library = _build.Library(entry.LIBRARY.source, "libmhc_entry", "test", entry._declare)
+    library.get()
+    assert library.path().is_file()
+
+
+def test_a_failed_build_names_nvcc_and_is_not_retried(build_dir, tmp_path):
+    broken = tmp_path / "broken.cu"
+    broken.write_text("this is not C++\n")
+    library = _build.Library(broken, "libbroken", "the broken kernel", lambda lib: None)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="the broken kernel unavailable: nvcc failed"):
+            library.get()
+    assert not library.path().exists()
