@@ -54,6 +54,8 @@ def test_version_help_and_info(tmp_path):
     result = run("info", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "CUDA device: none" in result.stdout and "auto resolves to: torch" in result.stdout
+    assert ("cross-sublayer fusion   off (MHC_CROSS_SUBLAYER_FUSION); its CUDA merge + projection "
+            "kernel: unavailable: no CUDA device") in result.stdout
     result = run("frobnicate", cwd=tmp_path)
     assert result.returncode == 2 and "allowed: info, demo" in result.stderr
 

@@ -61,6 +61,25 @@ def availability():
     return True, "ok"
 
 
+def status_without_build() -> str:
+    """One line for ``megatron-mhc info``: whether the kernel can run here, without building it
+    (the build happens at the first fused merge)."""
+    from megatron_mhc.kernels.cuda._build import nvcc_path
+
+    if ENABLED == "0":
+        return "off (MHC_CUDA_MERGE_PROJECT=0)"
+    if not torch.cuda.is_available():
+        return "unavailable: no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return f"unavailable: needs a Hopper GPU (sm_90), found sm_{major}{minor}"
+    if LIBRARY.path().is_file():
+        return f"available (built: {LIBRARY.path()})"
+    if nvcc_path() is None:
+        return "unavailable: nvcc not found (set CUDA_HOME)"
+    return f"available once built (nvcc, at the first fused merge, into {LIBRARY.path().parent})"
+
+
 def unsupported_reason(x: torch.Tensor, next_phi: torch.Tensor) -> Optional[str]:
     """Why the kernel does not take these inputs (None: it does)."""
     if ENABLED == "0":

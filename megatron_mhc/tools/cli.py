@@ -15,6 +15,7 @@ Every command runs on a machine without a GPU (launch needs what the script need
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
@@ -49,6 +50,12 @@ def info() -> int:
     print(f"  transformer-engine      {'available' if te.available else 'unavailable: ' + te.reason}")
     print(f"  --mhc-kernel-backend auto resolves to: {resolve_backend('auto')} "
           f"({auto_choice_reason()})")
+    from megatron_mhc.kernels.cuda import merge_project  # torch only: no Triton import
+
+    fusion = os.environ.get("MHC_CROSS_SUBLAYER_FUSION", "0")  # kernels/triton validates it
+    print(f"  cross-sublayer fusion   {'on' if fusion == '1' else 'off'} "
+          f"(MHC_CROSS_SUBLAYER_FUSION); its CUDA merge + projection kernel: "
+          f"{merge_project.status_without_build()}")
     return 0
 
 
