@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 from dist_workers import CPUStream
-from fixtures.gpu import destroy_gpu_megatron, init_gpu_megatron, requires_cuda
+from fixtures.gpu import destroy_gpu_megatron, init_gpu_megatron, requires_cuda, requires_te
 
 from megatron_mhc import MHCConfig
 from megatron_mhc.training.small_gpt import TinyGPTSettings, build_tiny_gpt, causal_lm_inputs
@@ -377,6 +377,62 @@ def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, reques
         torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
     mhc_params = {n for n, _ in model.named_parameters() if "_hc." in n}
     assert mhc_params <= grads1.keys()
+    for name, grad in grads0.items():
+        error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
+        assert error <= 1e-4, f"{name}: relative gradient error {error:.3g}"
+
+
+def _te_moe_gpt(mhc_config: MHCConfig, delay_wgrad: bool):
+    """A 3-layer all-MoE GPTModel on Transformer-Engine layers (float32, so the schedule and the
+    plain forward can be compared tightly), built with ``--delay-wgrad-compute`` or without."""
+    from fixtures.gpu import gpu_config
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_mhc.core.specs import get_gpt_layer_with_mhc_spec
+
+    config = gpu_config(
+        dtype=torch.float32, num_layers=LAYERS, hidden_size=64, num_attention_heads=4,
+        ffn_hidden_size=128, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=128,
+        moe_aux_loss_coeff=0.01, moe_router_load_balancing_type="aux_loss",
+        moe_token_dispatcher_type="alltoall")
+    # Set after __post_init__ (which wants EP > 1 for the overlap) and before the layers are
+    # built: TE's linears read delay_wgrad_compute at construction.
+    config.overlap_moe_expert_parallel_comm = config.delay_wgrad_compute = delay_wgrad
+    torch.manual_seed(3)
+    spec = get_gpt_layer_with_mhc_spec(mhc_config, use_transformer_engine=True, num_experts=4)
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=256,
+                    max_sequence_length=SEQ, position_embedding_type="rope").cuda()
+
+
+@requires_te
+@pytest.mark.parametrize("delay_wgrad", [False, True], ids=["wgrad-now", "delay-wgrad"])
+def test_ep_overlap_on_te_layers_equals_forward(gpu_schedule, monkeypatch, mhc_post_plans,
+                                                delay_wgrad):
+    """Transformer-Engine MoE layers through the layer schedule on CUDA streams (mhc_post node),
+    with Megatron's ``--delay-wgrad-compute`` (TE's weight gradients deferred to the schedule's
+    ``backward_dw`` calls) and without: losses and every gradient equal the plain forward's.
+    ``--delay-wgrad-compute`` is refused with mHC until this passes on a GPU; the test lifts the
+    refusal for itself."""
+    import megatron_mhc.core.compat as compat
+
+    monkeypatch.setattr(compat, "REFUSED_FEATURES", tuple(
+        f for f in compat.REFUSED_FEATURES if f.flag != "--delay-wgrad-compute"))
+    mhc_config = MHCConfig(expansion_rate=4, kernel_backend="triton")
+    batches = _cuda_batches(2)
+    reference_model = _te_moe_gpt(mhc_config, delay_wgrad=False)
+    state = {k: (v.clone() if torch.is_tensor(v) else v)
+             for k, v in reference_model.state_dict().items()}
+    losses0, grads0 = _reference(reference_model, batches)
+    model = _te_moe_gpt(mhc_config, delay_wgrad)
+    model.load_state_dict(state)
+    streams = (torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Event())
+    losses1, grads1 = _ep_overlap(model, batches, streams, mhc_post_plans)
+    torch.cuda.synchronize()
+    for loss0, loss1 in zip(losses0, losses1):
+        torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
+    mhc_params = {n for n, _ in model.named_parameters() if "_hc." in n}
+    assert len(mhc_params) == 3 * 2 * LAYERS
+    assert grads1.keys() == grads0.keys() and mhc_params <= grads1.keys()
     for name, grad in grads0.items():
         error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
         assert error <= 1e-4, f"{name}: relative gradient error {error:.3g}"
