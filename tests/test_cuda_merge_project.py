@@ -9,27 +9,18 @@ slices. Inputs are checked unchanged afterwards.
 
 import pytest
 import torch
+from fixtures.gpu import relative_error as _rel
+from fixtures.gpu import requires_hopper
 
 from megatron_mhc.core.ops import reference
 from megatron_mhc.kernels.cuda import merge_project as cuda_mp
 
-
-def _hopper() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-
-pytestmark = pytest.mark.skipif(not _hopper(),
-                                reason="the CUDA merge + projection kernel needs a Hopper GPU")
+pytestmark = requires_hopper
 
 #: ||out - ref|| / ||ref||: out is rounded to 16 bits (bf16 unit roundoff 2^-8 relative, fp16
 #: 2^-11); the partials are float32 sums of the kernel's own 16-bit out.
 TOL_OUT = {torch.bfloat16: 6e-3, torch.float16: 8e-4}
 TOL_PARTIAL = 2e-5
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _inputs(t, n, c, dtype, seed):

@@ -363,12 +363,20 @@ def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, reques
     plan_class = None if schedule == "megatron" else request.getfixturevalue("mhc_post_plans")
     mhc_config = MHCConfig(expansion_rate=4, kernel_backend=backend, recompute_block=2,
                            overlap=schedule.endswith("overlap"))
+    _on_cuda_streams_equals_forward(lambda: _model(mhc_config, moe).cuda(),
+                                    lambda: _model(mhc_config, moe).cuda(), plan_class)
+
+
+def _on_cuda_streams_equals_forward(build_reference, build_scheduled, plan_class):
+    """Two micro-batches through the layer schedule on CUDA streams (dispatch and combine on a
+    second stream, ordered by one event) give the losses and every gradient of the plain forward
+    of the same weights (``build_*``: the two models, built alike)."""
     batches = _cuda_batches(2)
-    reference_model = _model(mhc_config, moe).cuda()
+    reference_model = build_reference()
     state = {k: (v.clone() if torch.is_tensor(v) else v)
              for k, v in reference_model.state_dict().items()}
     losses0, grads0 = _reference(reference_model, batches)
-    model = _model(mhc_config, moe).cuda()
+    model = build_scheduled()
     model.load_state_dict(state)
     streams = (torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Event())
     losses1, grads1 = _ep_overlap(model, batches, streams, plan_class)
@@ -376,7 +384,8 @@ def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, reques
     for loss0, loss1 in zip(losses0, losses1):
         torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
     mhc_params = {n for n, _ in model.named_parameters() if "_hc." in n}
-    assert mhc_params <= grads1.keys()
+    assert len(mhc_params) == 3 * 2 * LAYERS
+    assert grads1.keys() == grads0.keys() and mhc_params <= grads1.keys()
     for name, grad in grads0.items():
         error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
         assert error <= 1e-4, f"{name}: relative gradient error {error:.3g}"
@@ -418,24 +427,8 @@ def test_ep_overlap_on_te_layers_equals_forward(gpu_schedule, monkeypatch, mhc_p
     monkeypatch.setattr(compat, "REFUSED_FEATURES", tuple(
         f for f in compat.REFUSED_FEATURES if f.flag != "--delay-wgrad-compute"))
     mhc_config = MHCConfig(expansion_rate=4, kernel_backend="triton")
-    batches = _cuda_batches(2)
-    reference_model = _te_moe_gpt(mhc_config, delay_wgrad=False)
-    state = {k: (v.clone() if torch.is_tensor(v) else v)
-             for k, v in reference_model.state_dict().items()}
-    losses0, grads0 = _reference(reference_model, batches)
-    model = _te_moe_gpt(mhc_config, delay_wgrad)
-    model.load_state_dict(state)
-    streams = (torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Event())
-    losses1, grads1 = _ep_overlap(model, batches, streams, mhc_post_plans)
-    torch.cuda.synchronize()
-    for loss0, loss1 in zip(losses0, losses1):
-        torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
-    mhc_params = {n for n, _ in model.named_parameters() if "_hc." in n}
-    assert len(mhc_params) == 3 * 2 * LAYERS
-    assert grads1.keys() == grads0.keys() and mhc_params <= grads1.keys()
-    for name, grad in grads0.items():
-        error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
-        assert error <= 1e-4, f"{name}: relative gradient error {error:.3g}"
+    _on_cuda_streams_equals_forward(lambda: _te_moe_gpt(mhc_config, delay_wgrad=False),
+                                    lambda: _te_moe_gpt(mhc_config, delay_wgrad), mhc_post_plans)
 
 
 # ---------------------------------------------------------------- Megatron's whole schedule, EP = 2

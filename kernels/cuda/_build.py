@@ -87,3 +87,20 @@ class Library:
         if self._lib is None:
             raise RuntimeError(self._error)
         return self._lib
+
+
+def hopper_availability(library: Library):
+    """(usable on this machine, reason): a CUDA device of compute capability 9.x and ``library``
+    built and loaded (built on the first call)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return False, f"needs a Hopper GPU (sm_90), found sm_{major}{minor}"
+    try:
+        library.get()
+    except RuntimeError as exc:
+        return False, str(exc)
+    return True, "ok"

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_mhc.kernels.cuda._build import Library
+from megatron_mhc.kernels.cuda._build import Library, hopper_availability
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 #: Tokens per tile of the default plan (8 or 16; MHC_CUDA_ENTRY_TOKENS overrides).
@@ -56,18 +56,9 @@ def _load():
 
 
 def availability() -> Tuple[bool, str]:
-    """(usable on this machine, reason): a CUDA device of compute capability 9.x and a library
-    that builds and loads. Builds the library on first call."""
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    major, minor = torch.cuda.get_device_capability()
-    if major != 9:
-        return False, f"needs a Hopper GPU (sm_90), found sm_{major}{minor}"
-    try:
-        _load()
-    except RuntimeError as exc:
-        return False, str(exc)
-    return True, "ok"
+    """(usable on this machine, reason): a Hopper GPU and a library that builds and loads.
+    Builds the library on first call."""
+    return hopper_availability(LIBRARY)
 
 
 def unsupported_reason(x: torch.Tensor, phi: torch.Tensor) -> Optional[str]:

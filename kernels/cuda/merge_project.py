@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mhc.kernels.cuda._build import Library
+from megatron_mhc.kernels.cuda._build import Library, hopper_availability
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 #: ``MHC_CUDA_MERGE_PROJECT``: 1 (default) uses the kernel where it applies, 0 never.
@@ -49,16 +49,7 @@ LIBRARY = Library(Path(__file__).with_name("merge_project.cu"), "libmhc_merge_pr
 def availability():
     """(usable here, reason): a Hopper GPU and a library that builds and loads (built on first
     call)."""
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    major, minor = torch.cuda.get_device_capability()
-    if major != 9:
-        return False, f"needs a Hopper GPU (sm_90), found sm_{major}{minor}"
-    try:
-        LIBRARY.get()
-    except RuntimeError as exc:
-        return False, str(exc)
-    return True, "ok"
+    return hopper_availability(LIBRARY)
 
 
 def status_without_build() -> str:
