@@ -22,8 +22,10 @@
 #   EP_OVERLAP=1  --overlap-moe-expert-parallel-comm (needs EP > 1; with PP > 1 also VPP_LAYERS)
 #   VPP_LAYERS  --num-layers-per-virtual-pipeline-stage (interleaved pipeline; needs PP > 1)
 #   MTP         --mtp-num-layers (default 1; 0 for none; EP overlap allows at most 1)
-# Not here: Transformer-Engine's per-layer CUDA graphs (--cuda-graph-impl transformer_engine) are
-# refused with --enable-mhc for now (README, "Which Megatron-Core paths run mHC").
+# Transformer-Engine's per-layer CUDA graphs scoped to attention, as in that functional test:
+# GRAPHS=transformer_engine GRAPH_MODULES=attn (pretrain_gpt_mhc.sh's variables; the default mHC
+# flags then drop --mhc-recompute-block, which graphs refuse). They ran with mHC on a dense model
+# on one GPU, not with this script (examples/README.md).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 EXPERTS=${EXPERTS:-8}
