@@ -1,13 +1,14 @@
 """The CUDA C++ kernels (kernels/cuda/*.cu) compile with nvcc for sm_90 and load through ctypes,
-with the C interface the Python wrappers declare. Needs nvcc, not a GPU (skipped without nvcc);
-the kernels' values are tested on a Hopper GPU (test_cuda_kernels.py, test_cuda_merge_project.py).
+with the C interface the Python wrappers declare. Needs nvcc, not a GPU (those tests skip without
+nvcc); the kernels' values are tested on a Hopper GPU (test_cuda_kernels.py,
+test_cuda_merge_project.py).
 """
 
 import pytest
 
 from megatron_mhc.kernels.cuda import _build, entry, merge_project
 
-pytestmark = pytest.mark.skipif(_build.nvcc_path() is None,
+needs_nvcc = pytest.mark.skipif(_build.nvcc_path() is None,
                                 reason="nvcc not found (set CUDA_HOME): the .cu files are not built")
 
 
@@ -17,6 +18,7 @@ def build_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@needs_nvcc
 def test_merge_project_library_builds_and_names_its_slices(build_dir):
     library = _build.Library(merge_project.LIBRARY.source, "libmhc_merge_project", "test",
                              merge_project._declare)
@@ -27,12 +29,14 @@ def test_merge_project_library_builds_and_names_its_slices(build_dir):
     assert b"n=8 not supported" in lib.mhc_merge_project_last_error()
 
 
+@needs_nvcc
 def test_entry_library_builds(build_dir):
     library = _build.Library(entry.LIBRARY.source, "libmhc_entry", "test", entry._declare)
     library.get()
     assert library.path().is_file()
 
 
+@needs_nvcc
 def test_a_failed_build_names_nvcc_and_is_not_retried(build_dir, tmp_path):
     broken = tmp_path / "broken.cu"
     broken.write_text("this is not C++\n")
@@ -41,3 +45,24 @@ def test_a_failed_build_names_nvcc_and_is_not_retried(build_dir, tmp_path):
         with pytest.raises(RuntimeError, match="the broken kernel unavailable: nvcc failed"):
             library.get()
     assert not library.path().exists()
+
+
+def test_info_line_says_whether_the_merge_project_kernel_can_run(monkeypatch, tmp_path):
+    """``megatron-mhc info``'s line for the CUDA merge + projection kernel, without a build."""
+    import torch
+
+    monkeypatch.setattr(merge_project, "ENABLED", "0")
+    assert merge_project.status_without_build() == "off (MHC_CUDA_MERGE_PROJECT=0)"
+    monkeypatch.setattr(merge_project, "ENABLED", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert "needs a Hopper GPU (sm_90), found sm_80" in merge_project.status_without_build()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setenv("MHC_CUDA_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(_build, "nvcc_path", lambda: None)
+    assert merge_project.status_without_build() == "unavailable: nvcc not found (set CUDA_HOME)"
+    monkeypatch.setattr(_build, "nvcc_path", lambda: "/usr/bin/nvcc")
+    assert merge_project.status_without_build().startswith("available once built")
+    merge_project.LIBRARY.path().write_bytes(b"")
+    assert merge_project.status_without_build().startswith("available (built: ")
+
