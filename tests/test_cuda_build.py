@@ -66,3 +66,25 @@ def test_info_line_says_whether_the_merge_project_kernel_can_run(monkeypatch, tm
     merge_project.LIBRARY.path().write_bytes(b"")
     assert merge_project.status_without_build().startswith("available (built: ")
 
+
+def test_merge_project_names_what_it_does_not_take():
+    """The wrapper declines (the caller then runs Triton) with the reason, before any launch."""
+    import torch
+
+    t, n, c = 5, 4, 64
+    x = torch.randn(t, n, c).bfloat16()
+    phi = torch.randn(n * c, 24).bfloat16()
+    y, h_post, h_res = torch.randn(t, c).bfloat16(), torch.rand(t, n), torch.rand(t, n, n)
+    reason = merge_project.unsupported_reason
+    assert reason(x, phi, y, h_post, h_res) == "x is not on a CUDA device"
+    assert reason(x[:, :, :0], phi[:0]).startswith("x shape (5, 4, 0)")
+    assert reason(x.float(), phi) == "x dtype torch.float32 (the kernel takes bfloat16 / float16)"
+    assert reason(x[:, :3], phi) == "n = 3 streams (the kernel takes 2 or 4)"
+    assert reason(x[..., :60], phi) == "C = 60 is not a multiple of 8"
+    assert reason(x, phi[:-1]).startswith("next_phi shape (255, 24)")
+    assert reason(x, phi, y[:, :32]) == "y shape (5, 32), expected (5, 64)"
+    assert reason(x, phi, y, h_post[:4]) == "h_post shape (4, 4), expected (5, 4)"
+    assert reason(x, phi, y, h_post, h_res.transpose(0, 2)).startswith("h_res shape (4, 4, 5)")
+    assert reason(x, phi, y, h_post, h_res.to("meta")) == "h_res on meta, x on cpu"
+    assert merge_project.merge_project_forward(x, y, h_post, h_res, phi) is None
+

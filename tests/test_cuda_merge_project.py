@@ -66,6 +66,18 @@ def test_merge_project_matches_float64(t, n, c, dtype, max_ctas):
         assert _rel(ss_part[s], (o[:, :, cs] ** 2).sum((1, 2))) < TOL_PARTIAL, s
 
 
+@pytest.mark.parametrize("t,n,c", [(300, 4, 1000), (64, 2, 136), (1000, 4, 4096)])
+def test_merged_stream_is_the_triton_merge_bit_for_bit(t, n, c):
+    """The stream equals Triton's merge (``merge_into``, what the mHC recompute rebuilds it with)
+    bit for bit: the same fma order per element, so a rebuilt stream is the stream."""
+    from megatron_mhc.kernels.triton import merge_into
+
+    x, y, h_post, h_res, phi = _inputs(t, n, c, torch.bfloat16, seed=t + n + c)
+    out = cuda_mp.merge_project_forward(x, y, h_post, h_res, phi)[0]
+    rebuilt = merge_into(x, y, h_post, h_res, torch.empty_like(x))
+    assert torch.equal(out, rebuilt), (out.float() - rebuilt.float()).abs().max().item()
+
+
 def test_merge_project_declines_what_it_does_not_take():
     x, y, h_post, h_res, phi = _inputs(8, 4, 64, torch.bfloat16, seed=1)
     assert cuda_mp.merge_project_forward(x.float(), y.float(), h_post, h_res, phi.float()) is None

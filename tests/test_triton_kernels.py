@@ -692,7 +692,8 @@ def test_merge_project_takes_the_cuda_kernels_result_where_it_applies(monkeypatc
     alpha, bias = torch.full((3,), 0.5, device=DEVICE), _randn(m, seed=44)
     agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias)
     if DEVICE == "cpu":
-        assert "not on a CUDA device" in cuda_merge_project.unsupported_reason(x, phi2)
+        assert cuda_merge_project.unsupported_reason(x.bfloat16(), phi2.bfloat16()) == (
+            "x is not on a CUDA device")
     out, projection = ops.merge_linked_project(x_link, agg, h_post, h_res, link, phi2)
     want = reference.post_res_merge(x.double(), agg.double(), h_post.double(), h_res.double())
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

@@ -10,8 +10,11 @@ Triton's tile limits.
 over S channel slices, from the 16-bit ``out``), or None where the kernel does not apply (no
 Hopper GPU, n not 2 or 4, C not a multiple of 8, float32, no nvcc or a failed build:
 ``unsupported_reason`` says which, and ``MHC_CUDA_MERGE_PROJECT=0`` turns the kernel off); the
-caller then runs the Triton kernel. ``MHC_CUDA_MERGE_PROJECT_VARIANT=1`` picks the second launch
-shape for n = 4 (128-channel slices, two CTAs per SM; a probe: benchmarks/RESULTS.md).
+caller then runs the Triton kernel. S = ceil(C / 256): more partial slices than Triton's (at
+most 16) above C = 4096, so a larger ``proj_part`` and another specialisation of the mapping
+kernel that sums them (C = 7168: 28; C = 16384: 64). ``MHC_CUDA_MERGE_PROJECT_VARIANT=1`` picks
+the second launch shape for n = 4 (128-channel slices, two CTAs per SM; a probe:
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 ENABLED = os.environ.get("MHC_CUDA_MERGE_PROJECT", "1")
 if ENABLED not in ("0", "1"):
     raise ValueError(f"MHC_CUDA_MERGE_PROJECT={ENABLED!r}: allowed 0, 1")
+#: ``MHC_CUDA_MERGE_PROJECT_VARIANT`` (read by the library at each launch): 0 (default) or 1.
+if os.environ.get("MHC_CUDA_MERGE_PROJECT_VARIANT", "0") not in ("0", "1"):
+    raise ValueError(f"MHC_CUDA_MERGE_PROJECT_VARIANT="
+                     f"{os.environ['MHC_CUDA_MERGE_PROJECT_VARIANT']!r}: allowed 0, 1")
 
 
 def _declare(lib) -> None:
@@ -71,23 +78,31 @@ def status_without_build() -> str:
     return f"available once built (nvcc, at the first fused merge, into {LIBRARY.path().parent})"
 
 
-def unsupported_reason(x: torch.Tensor, next_phi: torch.Tensor) -> Optional[str]:
-    """Why the kernel does not take these inputs (None: it does)."""
+def unsupported_reason(x: torch.Tensor, next_phi: torch.Tensor, y: Optional[torch.Tensor] = None,
+                       h_post: Optional[torch.Tensor] = None,
+                       h_res: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Why the kernel does not take these inputs (None: it does); ``y``, ``h_post``, ``h_res``
+    are checked when given."""
     if ENABLED == "0":
         return "MHC_CUDA_MERGE_PROJECT=0"
-    if not x.is_cuda:
-        return "x is not on a CUDA device"
+    if x.dim() != 3 or x.shape[0] == 0 or x.shape[-1] == 0:
+        return f"x shape {tuple(x.shape)} (the kernel takes [T > 0, n, C > 0])"
+    t, n, c = x.shape
     if x.dtype not in _DTYPES:
         return f"x dtype {x.dtype} (the kernel takes bfloat16 / float16)"
-    if x.dim() != 3 or x.shape[0] == 0:
-        return f"x shape {tuple(x.shape)} (the kernel takes [T > 0, n, C])"
-    n, c = x.shape[-2], x.shape[-1]
     if n not in (2, 4):
         return f"n = {n} streams (the kernel takes 2 or 4)"
     if c % 8:
         return f"C = {c} is not a multiple of 8"
-    if tuple(next_phi.shape) != (n * c, n * n + 2 * n):
-        return "phi shape"
+    expected = {"next_phi": (next_phi, (n * c, n * n + 2 * n)), "y": (y, (t, c)),
+                "h_post": (h_post, (t, n)), "h_res": (h_res, (t, n, n))}
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            return f"{name} shape {tuple(tensor.shape)}, expected {shape}"
+        if tensor is not None and tensor.device != x.device:
+            return f"{name} on {tensor.device}, x on {x.device}"
+    if not x.is_cuda:
+        return "x is not on a CUDA device"
     if torch.cuda.get_device_capability(x.device)[0] != 9:
         return "not a Hopper GPU"
     ok, reason = availability()
@@ -102,7 +117,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def merge_project_forward(x, y, h_post, h_res, next_phi, *, max_ctas: int = 0):
     """``(out, proj_part, ss_part)`` for ``x [T, n, C]`` (see the module docstring), or None when
     ``unsupported_reason`` is not None. ``max_ctas``: cap on the persistent grid (tests)."""
-    if unsupported_reason(x, next_phi) is not None:
+    if unsupported_reason(x, next_phi, y, h_post, h_res) is not None:
         return None
     lib = LIBRARY.get()
     t, n, c = x.shape
