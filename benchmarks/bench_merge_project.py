@@ -21,6 +21,8 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_kernels import copy_bandwidth  # noqa: E402
+
 from megatron_mhc.kernels.cuda import merge_project as cuda_mp  # noqa: E402
 from megatron_mhc.kernels.triton import merge as triton_merge  # noqa: E402
 from megatron_mhc.kernels.triton.projection import _project  # noqa: E402
@@ -31,13 +33,6 @@ class _NoSave:
 
     def save_for_backward(self, *tensors):
         pass
-
-
-def copy_bandwidth():
-    a = torch.empty(1 << 29, device="cuda", dtype=torch.bfloat16).normal_()
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3)
 
 
 def floor_bytes(t, n, c, slices):
@@ -104,6 +99,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for shape in args.shapes.split(","):
         run_shape(*(int(v) for v in shape.split("x")), args.rounds, bandwidth)
+
 
 if __name__ == "__main__":
     main()

@@ -5,10 +5,10 @@
 Columns: the lm loss at every logged iteration (``--log-interval``), the elapsed time per
 iteration of the last logged window (Megatron averages over the window) and the mean over the
 windows after the first full one (iteration 1 and the first window hold warm-up, compilation and
-CUDA-graph capture, so they are left out), the max allocated
-memory of Megatron's first memory report (after iteration 1), and the last mHC gain line. With ``--reference
-NAME``, a second table compares every other run's loss curve with that run's, iteration by
-logged iteration (the loss-curve check of two kernel backends).
+CUDA-graph capture, so they are left out), the max allocated memory of Megatron's first memory
+report (after iteration 1), and the last mHC gain line. With ``--reference NAME``, a second table
+compares every other run's loss curve with that run's, iteration by logged iteration (the
+loss-curve check of two kernel backends).
 """
 
 from __future__ import annotations

@@ -666,12 +666,19 @@ def test_launch_shape_rules():
     assert rows % 128 == 0 and splits * rows >= 8192 > (splits - 1) * rows
 
 
+def _stream_and_two_phis(seed: int, t: int = 5, n: int = 4, c: int = 16):
+    """A stream ``x [t, n, c]``, this sublayer's phi, another one and the gates / bias (fresh
+    random values from ``seed``)."""
+    m = n * n + 2 * n
+    x = _randn(t, n, c, seed=seed)
+    phi, other = (_randn(n * c, m, seed=seed + 1, scale=0.2),
+                  _randn(n * c, m, seed=seed + 2, scale=0.2))
+    return x, phi, other, torch.full((3,), 0.5, device=DEVICE), _randn(m, seed=seed + 3)
+
+
 def test_projection_for_another_phi_is_refused():
     ops = _fusing_ops()
-    n, c, t, m = 4, 16, 5, 24
-    x = _randn(t, n, c, seed=31)
-    phi, other = _randn(n * c, m, seed=32, scale=0.2), _randn(n * c, m, seed=33, scale=0.2)
-    alpha, bias = torch.full((3,), 0.5, device=DEVICE), _randn(m, seed=34)
+    x, phi, other, alpha, bias = _stream_and_two_phis(seed=31)
     agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias)
     out, projection = ops.merge_linked_project(x_link, agg, h_post, h_res, link, other)
     with pytest.raises(ValueError, match="another phi"):
@@ -686,10 +693,9 @@ def test_merge_project_takes_the_cuda_kernels_result_where_it_applies(monkeypatc
     from megatron_mhc.kernels.cuda import merge_project as cuda_merge_project
 
     ops = _fusing_ops()
-    n, c, t, m = 4, 16, 5, 24
-    x = _randn(t, n, c, seed=41)
-    phi, phi2 = _randn(n * c, m, seed=42, scale=0.2), _randn(n * c, m, seed=43, scale=0.2)
-    alpha, bias = torch.full((3,), 0.5, device=DEVICE), _randn(m, seed=44)
+    x, phi, phi2, alpha, bias = _stream_and_two_phis(seed=41)
+    t, n, c = x.shape
+    m = phi.shape[1]
     agg, h_post, h_res, x_link, link = ops.enter_linked(x, phi, alpha, bias)
     if DEVICE == "cpu":
         assert cuda_merge_project.unsupported_reason(x.bfloat16(), phi2.bfloat16()) == (

@@ -89,16 +89,25 @@ class Library:
         return self._lib
 
 
-def hopper_availability(library: Library):
-    """(usable on this machine, reason): a CUDA device of compute capability 9.x and ``library``
-    built and loaded (built on the first call)."""
+def hopper_problem(device=None) -> Optional[str]:
+    """Why the kernels here cannot run on ``device`` (default: the current CUDA device): no CUDA
+    device, or not compute capability 9.x; None when they can (nothing is built)."""
     import torch
 
     if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    major, minor = torch.cuda.get_device_capability()
+        return "no CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
-        return False, f"needs a Hopper GPU (sm_90), found sm_{major}{minor}"
+        return f"needs a Hopper GPU (sm_90), found sm_{major}{minor}"
+    return None
+
+
+def hopper_availability(library: Library, device=None):
+    """(usable, reason): ``device`` (default: the current one) passes ``hopper_problem`` and
+    ``library`` builds and loads (built on the first call)."""
+    problem = hopper_problem(device)
+    if problem is not None:
+        return False, problem
     try:
         library.get()
     except RuntimeError as exc:

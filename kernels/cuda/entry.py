@@ -72,11 +72,9 @@ def unsupported_reason(x: torch.Tensor, phi: torch.Tensor) -> Optional[str]:
         return f"n = {n} streams (the kernel takes 1..8)"
     if c % 8:
         return f"C = {c} is not a multiple of 8"
-    if torch.cuda.get_device_capability(x.device)[0] != 9:
-        return "not a Hopper GPU"
     if phi.shape != (n * c, n * n + 2 * n):
         return "phi shape"
-    ok, reason = availability()
+    ok, reason = hopper_availability(LIBRARY, x.device)
     return None if ok else reason
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mhc.kernels.cuda._build import Library, hopper_availability
+from megatron_mhc.kernels.cuda._build import Library, hopper_availability, hopper_problem
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 #: ``MHC_CUDA_MERGE_PROJECT``: 1 (default) uses the kernel where it applies, 0 never.
@@ -66,11 +66,9 @@ def status_without_build() -> str:
 
     if ENABLED == "0":
         return "off (MHC_CUDA_MERGE_PROJECT=0)"
-    if not torch.cuda.is_available():
-        return "unavailable: no CUDA device"
-    major, minor = torch.cuda.get_device_capability()
-    if major != 9:
-        return f"unavailable: needs a Hopper GPU (sm_90), found sm_{major}{minor}"
+    problem = hopper_problem()
+    if problem is not None:
+        return f"unavailable: {problem}"
     if LIBRARY.path().is_file():
         return f"available (built: {LIBRARY.path()})"
     if nvcc_path() is None:
@@ -103,9 +101,7 @@ def unsupported_reason(x: torch.Tensor, next_phi: torch.Tensor, y: Optional[torc
             return f"{name} on {tensor.device}, x on {x.device}"
     if not x.is_cuda:
         return "x is not on a CUDA device"
-    if torch.cuda.get_device_capability(x.device)[0] != 9:
-        return "not a Hopper GPU"
-    ok, reason = availability()
+    ok, reason = hopper_availability(LIBRARY, x.device)
     return None if ok else reason
 
 
