@@ -26,17 +26,12 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_kernels import copy_bandwidth  # noqa: E402
+
 from megatron_mhc.kernels.cuda import entry as cuda_entry  # noqa: E402
 from megatron_mhc.kernels.triton.mappings import _mappings_forward  # noqa: E402
 
 NBUF = 2
-
-
-def copy_bandwidth():
-    a = torch.empty(1 << 29, device="cuda", dtype=torch.bfloat16).normal_()
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3)
 
 
 def floor_bytes(t, n, c):
