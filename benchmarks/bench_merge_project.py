@@ -28,13 +28,6 @@ from megatron_mhc.kernels.triton import merge as triton_merge  # noqa: E402
 from megatron_mhc.kernels.triton.projection import _project  # noqa: E402
 
 
-class _NoSave:
-    """Stands in for the autograd ctx the Triton forward helpers save into."""
-
-    def save_for_backward(self, *tensors):
-        pass
-
-
 def floor_bytes(t, n, c, slices):
     m = n * n + 2 * n
     return t * (2 * n * c * 2 + c * 2 + 4 * (n + n * n) + 4 * slices * (m + 1))
@@ -56,7 +49,7 @@ def run_shape(t: int, n: int, c: int, rounds: int, bandwidth: float) -> None:
         print(f"{shape}: CUDA kernel unavailable: {reason}")
         return
     out_c, part_c, ss_c = cuda_mp.merge_project_forward(x, y, hp, hr, phi)
-    out_t, part_t, ss_t = triton_merge._post_res_proj_forward(_NoSave(), x, y, hp, hr, phi)
+    out_t, part_t, ss_t = triton_merge._launch_post_res_proj_fwd(x, y, hp, hr, phi)
     diff_out = (out_c.float() - out_t.float()).abs().max().item()
     rel_proj = ((part_c.sum(0) - part_t.sum(0)).norm() / part_t.sum(0).norm()).item()
     slices = part_c.shape[0]
@@ -68,8 +61,8 @@ def run_shape(t: int, n: int, c: int, rounds: int, bandwidth: float) -> None:
     fns = {
         "CUDA merge + projection (one kernel)": lambda: cuda_mp.merge_project_forward(
             x, y, hp, hr, phi),
-        "Triton merge + projection (one kernel)": lambda: triton_merge._post_res_proj_forward(
-            _NoSave(), x, y, hp, hr, phi),
+        "Triton merge + projection (one kernel)": lambda: triton_merge._launch_post_res_proj_fwd(
+            x, y, hp, hr, phi),
         "Triton merge, then projection pass": unfused,
         "Triton merge alone": lambda: triton_merge._launch_post_res_fwd(
             x, y, hp, hr, torch.empty_like(x)),

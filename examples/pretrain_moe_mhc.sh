@@ -22,10 +22,13 @@
 #   EP_OVERLAP=1  --overlap-moe-expert-parallel-comm (needs EP > 1; with PP > 1 also VPP_LAYERS)
 #   VPP_LAYERS  --num-layers-per-virtual-pipeline-stage (interleaved pipeline; needs PP > 1)
 #   MTP         --mtp-num-layers (default 1; 0 for none; EP overlap allows at most 1)
+#   DELAY_WGRAD=1  --delay-wgrad-compute: Transformer-Engine's weight gradients deferred inside the
+#               EP-overlap schedule (needs EP_OVERLAP=1 and IMPL=te; not with GRAPHS=transformer_engine,
+#               which mHC refuses together with it)
 # Transformer-Engine's per-layer CUDA graphs scoped to attention, as in that functional test:
 # GRAPHS=transformer_engine GRAPH_MODULES=attn (pretrain_gpt_mhc.sh's variables; the default mHC
-# flags then drop --mhc-recompute-block, which graphs refuse). They ran with mHC on a dense model
-# on one GPU, not with this script (examples/README.md).
+# flags then drop --mhc-recompute-block, which graphs refuse). On one GPU this script ran with them
+# (20 iterations, EP = 1, examples/README.md).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 EXPERTS=${EXPERTS:-8}
@@ -63,5 +66,13 @@ case ${EP_OVERLAP:-0} in
        (( PP == 1 )) || [[ -n "${VPP_LAYERS:-}" ]] || fail "EP_OVERLAP=1 with PP=$PP needs the interleaved pipeline (set VPP_LAYERS)"
        MOE+=(--overlap-moe-expert-parallel-comm) ;;
     *) fail "EP_OVERLAP=$EP_OVERLAP: allowed 0, 1" ;;
+esac
+case ${DELAY_WGRAD:-0} in
+    0) ;;
+    1) [[ ${EP_OVERLAP:-0} == 1 ]] || fail "DELAY_WGRAD=1 (--delay-wgrad-compute) needs EP_OVERLAP=1: Megatron defers the weight gradients inside the expert-parallel overlap schedule"
+       [[ ${IMPL:-auto} == te ]] || fail "DELAY_WGRAD=1 (--delay-wgrad-compute) needs IMPL=te: Megatron defers Transformer-Engine's weight gradients only"
+       [[ ${GRAPHS:-} != transformer_engine ]] || fail "DELAY_WGRAD=1 with GRAPHS=transformer_engine is refused with mHC (not run together); drop one of them"
+       MOE+=(--delay-wgrad-compute) ;;
+    *) fail "DELAY_WGRAD=$DELAY_WGRAD: allowed 0, 1" ;;
 esac
 PP=$PP PYTHON=$PYTHON exec bash "$HERE/pretrain_gpt_mhc.sh" "${MOE[@]}" "$@"

@@ -120,9 +120,10 @@ def _megatron_plan_class():
     return TransformerLayerSchedulePlan
 
 
-def _ep_overlap(model, batches, streams=None, plan_class=None):
+def _ep_overlap(model, batches, streams=None, plan_class=None, finish_grads=None):
     """Two micro-batches through Megatron's layer schedule plans: F(1); F(2) layer i with B(1)
-    layer L-1-i; B(2). Returns the losses and gradients."""
+    layer L-1-i; B(2). Returns the losses and gradients (``finish_grads()`` runs before they are
+    read)."""
     plan_class = plan_class or _megatron_plan_class()
     run = plan_class.run
     # Megatron's MoE combine node applies the decoder's final norm after the last layer.
@@ -172,6 +173,8 @@ def _ep_overlap(model, batches, streams=None, plan_class=None):
     for b_plan in reversed(second["plans"]):
         _, grad = run(None, b_plan, b_grad=grad)
     finish_backward(second, grad)
+    if finish_grads is not None:
+        finish_grads()
     return [first["loss"].detach(), second["loss"].detach()], _grads(model)
 
 
@@ -367,10 +370,12 @@ def test_ep_overlap_schedule_on_cuda_streams_equals_forward(gpu_schedule, reques
                                     lambda: _model(mhc_config, moe).cuda(), plan_class)
 
 
-def _on_cuda_streams_equals_forward(build_reference, build_scheduled, plan_class):
+def _on_cuda_streams_equals_forward(build_reference, build_scheduled, plan_class,
+                                    accumulate_delayed_wgrads=False):
     """Two micro-batches through the layer schedule on CUDA streams (dispatch and combine on a
     second stream, ordered by one event) give the losses and every gradient of the plain forward
-    of the same weights (``build_*``: the two models, built alike)."""
+    of the same weights (``build_*``: the two models, built alike; ``accumulate_delayed_wgrads``:
+    sum TE's deferred weight gradients as Megatron's DDP does, see ``_sum_delayed_wgrads``)."""
     batches = _cuda_batches(2)
     reference_model = build_reference()
     state = {k: (v.clone() if torch.is_tensor(v) else v)
@@ -379,7 +384,8 @@ def _on_cuda_streams_equals_forward(build_reference, build_scheduled, plan_class
     model = build_scheduled()
     model.load_state_dict(state)
     streams = (torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Event())
-    losses1, grads1 = _ep_overlap(model, batches, streams, plan_class)
+    finish = _sum_delayed_wgrads(model) if accumulate_delayed_wgrads else None
+    losses1, grads1 = _ep_overlap(model, batches, streams, plan_class, finish)
     torch.cuda.synchronize()
     for loss0, loss1 in zip(losses0, losses1):
         torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
@@ -389,6 +395,37 @@ def _on_cuda_streams_equals_forward(build_reference, build_scheduled, plan_class
     for name, grad in grads0.items():
         error = (grads1[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
         assert error <= 1e-4, f"{name}: relative gradient error {error:.3g}"
+
+
+def _sum_delayed_wgrads(model):
+    """What Megatron's DDP does for TE's deferred weight gradients: TE's ``backward_dw`` assigns
+    ``param.grad`` (no accumulation across micro-batches without ``main_grad``), then calls the
+    module's wgrad hooks, where DDP adds the gradient into its buffer and clears it
+    (``distributed_data_parallel.py``, params marked ``skip_backward_post_hook``). Registers such
+    hooks, summing into a side buffer; returns the function that puts the sums in ``.grad``."""
+    sums = {}
+
+    def move_into_sum(param):
+        def hook():
+            if param.grad is not None:
+                sums[param] = sums[param] + param.grad if param in sums else param.grad.clone()
+                param.grad = None
+        return hook
+
+    hooked = 0
+    for module in model.modules():
+        if not hasattr(module, "register_wgrad_accumulation_and_reduce_hooks"):
+            continue
+        for param in module.parameters(recurse=False):
+            if getattr(param, "skip_backward_post_hook", False):
+                module.register_wgrad_accumulation_and_reduce_hooks(move_into_sum(param))
+                hooked += 1
+    assert hooked, "no TE module defers its weight gradients"
+
+    def finish():
+        for param, total in sums.items():
+            param.grad = total if param.grad is None else param.grad + total
+    return finish
 
 
 def _te_moe_gpt(mhc_config: MHCConfig, delay_wgrad: bool):
@@ -415,20 +452,16 @@ def _te_moe_gpt(mhc_config: MHCConfig, delay_wgrad: bool):
 
 @requires_te
 @pytest.mark.parametrize("delay_wgrad", [False, True], ids=["wgrad-now", "delay-wgrad"])
-def test_ep_overlap_on_te_layers_equals_forward(gpu_schedule, monkeypatch, mhc_post_plans,
-                                                delay_wgrad):
+def test_ep_overlap_on_te_layers_equals_forward(gpu_schedule, mhc_post_plans, delay_wgrad):
     """Transformer-Engine MoE layers through the layer schedule on CUDA streams (mhc_post node),
     with Megatron's ``--delay-wgrad-compute`` (TE's weight gradients deferred to the schedule's
-    ``backward_dw`` calls) and without: losses and every gradient equal the plain forward's.
-    ``--delay-wgrad-compute`` is refused with mHC until this passes on a GPU; the test lifts the
-    refusal for itself."""
-    import megatron_mhc.core.compat as compat
-
-    monkeypatch.setattr(compat, "REFUSED_FEATURES", tuple(
-        f for f in compat.REFUSED_FEATURES if f.flag != "--delay-wgrad-compute"))
+    ``backward_dw`` calls, summed across micro-batches as Megatron's DDP sums them) and without:
+    losses and every gradient equal the plain forward's. (Passed on an H100 with TE 2.20.2 before
+    the flag was accepted with mHC.)"""
     mhc_config = MHCConfig(expansion_rate=4, kernel_backend="triton")
     _on_cuda_streams_equals_forward(lambda: _te_moe_gpt(mhc_config, delay_wgrad=False),
-                                    lambda: _te_moe_gpt(mhc_config, delay_wgrad), mhc_post_plans)
+                                    lambda: _te_moe_gpt(mhc_config, delay_wgrad), mhc_post_plans,
+                                    accumulate_delayed_wgrads=delay_wgrad)
 
 
 # ---------------------------------------------------------------- Megatron's whole schedule, EP = 2

@@ -55,6 +55,12 @@ MOE_CASES = [
      "EP_OVERLAP=1 with PP=2 needs the interleaved pipeline (set VPP_LAYERS)"),
     ({"VPP_LAYERS": "3"}, "VPP_LAYERS=3 needs PP > 1"),
     ({"EP_OVERLAP": "yes"}, "EP_OVERLAP=yes: allowed 0, 1"),
+    ({"DELAY_WGRAD": "1"}, "DELAY_WGRAD=1 (--delay-wgrad-compute) needs EP_OVERLAP=1"),
+    ({"DELAY_WGRAD": "1", "EP_OVERLAP": "1", "EP": "2", "GPUS": "2"},
+     "DELAY_WGRAD=1 (--delay-wgrad-compute) needs IMPL=te"),
+    ({"DELAY_WGRAD": "1", "EP_OVERLAP": "1", "EP": "2", "GPUS": "2", "IMPL": "te",
+      "GRAPHS": "transformer_engine"}, "DELAY_WGRAD=1 with GRAPHS=transformer_engine is refused"),
+    ({"DELAY_WGRAD": "on"}, "DELAY_WGRAD=on: allowed 0, 1"),
 ]
 
 
@@ -69,9 +75,11 @@ def test_moe_example_refuses_bad_combinations_by_name(tmp_path, env, message):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_moe_example_launches_the_eight_gpu_layout(tmp_path):
+@pytest.mark.parametrize("delay_wgrad", ["0", "1"])
+def test_moe_example_launches_the_eight_gpu_layout(tmp_path, delay_wgrad):
     """The documented 8-GPU command (TP 2, PP 2 with VPP 2, DP 2, EP 4, SP, EP overlap, MTP)
-    launches pretrain_gpt.py with exactly those flags (a stand-in Python prints its arguments)."""
+    launches pretrain_gpt.py with exactly those flags (a stand-in Python prints its arguments);
+    DELAY_WGRAD=1 adds --delay-wgrad-compute."""
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
     fake.write_text("#!/bin/bash\n"
@@ -81,7 +89,8 @@ def test_moe_example_launches_the_eight_gpu_layout(tmp_path):
     out = tmp_path / "args.txt"
     env = {**os.environ, "MEGATRON_LM": str(tmp_path / "mlm"), "PYTHON": str(fake),
            "SKIP_PATCH_CHECK": "1", "ARGS_OUT": str(out), "IMPL": "te", "TP": "2", "PP": "2",
-           "SP": "1", "GPUS": "8", "EP": "4", "EP_OVERLAP": "1", "VPP_LAYERS": "3"}
+           "SP": "1", "GPUS": "8", "EP": "4", "EP_OVERLAP": "1", "VPP_LAYERS": "3",
+           "DELAY_WGRAD": delay_wgrad}
     result = subprocess.run(["bash", str(MOE_SCRIPT), "--train-iters", "50"], env=env,
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -95,3 +104,4 @@ def test_moe_example_launches_the_eight_gpu_layout(tmp_path):
                   "--mtp-num-layers 1", "--enable-mhc", "--mhc-recompute-block auto",
                   "--transformer-impl transformer_engine", "--train-iters 50"):
         assert flags in command, flags
+    assert ("--delay-wgrad-compute" in args) == (delay_wgrad == "1")

@@ -137,7 +137,6 @@ FEATURE_ARGV = {
     "--fp32-residual-connection": ["--fp32-residual-connection"],
     "--use-megatron-fsdp": ["--use-megatron-fsdp"],
     "--use-torch-fsdp2": ["--use-torch-fsdp2"],
-    "--delay-wgrad-compute": ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute"],
     "--overlap-dispatch-backward-with-experts-wgrad": [
         "--overlap-dispatch-backward-with-experts-wgrad"],
 }
@@ -151,6 +150,9 @@ GRAPH_ARGV = {
     "--recompute-modules layernorm with --overlap-moe-expert-parallel-comm": [
         "--overlap-moe-expert-parallel-comm", "--recompute-granularity", "selective",
         "--recompute-modules", "layernorm"],
+    "--delay-wgrad-compute with --cuda-graph-impl transformer_engine": [
+        "--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute",
+        "--cuda-graph-impl", "transformer_engine"],
 }
 
 
@@ -189,6 +191,7 @@ def test_accepted_megatron_features_pass_argument_validation():
                  ["--cuda-graph-impl", "transformer_engine"],
                  ["--cuda-graph-impl", "transformer_engine", "--cuda-graph-modules", "attn"],
                  ["--overlap-moe-expert-parallel-comm", "--ep-overlap-early-attn-memory-release"],
+                 ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute"],
                  ["--overlap-moe-expert-parallel-comm", "--recompute-granularity", "selective",
                   "--recompute-modules", "core_attn", "mlp", "shared_experts"]):
         hooks.validate_mhc_args(_megatron_args(["--enable-mhc"] + argv))
@@ -208,7 +211,9 @@ CONFIG_FIELDS = {
     "--fine-grained-activation-offloading": dict(fine_grained_activation_offloading=True),
     "--cpu-offloading-num-layers": dict(cpu_offloading=True),
     "--fp32-residual-connection": dict(fp32_residual_connection=True),
-    "--delay-wgrad-compute": dict(overlap_moe_expert_parallel_comm=True, delay_wgrad_compute=True),
+    "--delay-wgrad-compute with --cuda-graph-impl transformer_engine": dict(
+        overlap_moe_expert_parallel_comm=True, delay_wgrad_compute=True,
+        cuda_graph_impl="transformer_engine"),
     "--overlap-dispatch-backward-with-experts-wgrad": dict(
         overlap_dispatch_backward_with_experts_wgrad=True),
     "--cuda-graph-impl full_iteration": dict(cuda_graph_impl="full_iteration"),

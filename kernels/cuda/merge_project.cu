@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 
 namespace {
 
@@ -336,6 +337,39 @@ bool pick(int n, int variant, Launch* out) {
   }
 }
 
+// The per-device launch facts, looked up once per (device, kernel) instead of at every launch:
+// the SM count and the dynamic shared memory opt-in (cudaFuncSetAttribute applies per device).
+constexpr int kMaxDevices = 64, kMaxKernels = 8;
+struct Prepared {
+  const void* fn[kMaxKernels] = {};
+  int sms = 0;
+};
+Prepared g_prepared[kMaxDevices];
+std::mutex g_prepared_lock;
+
+cudaError_t prepare(const Launch& l, int* sms) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) {  // not cached: look everything up
+    cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+    return cudaFuncSetAttribute(l.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem);
+  }
+  std::lock_guard<std::mutex> guard(g_prepared_lock);
+  Prepared& p = g_prepared[device];
+  if (p.sms == 0) {
+    err = cudaDeviceGetAttribute(&p.sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) { p.sms = 0; return err; }
+  }
+  *sms = p.sms;
+  int slot = 0;
+  for (; slot < kMaxKernels && p.fn[slot] != nullptr; ++slot)
+    if (p.fn[slot] == l.fn) return cudaSuccess;
+  err = cudaFuncSetAttribute(l.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem);
+  if (err == cudaSuccess && slot < kMaxKernels) p.fn[slot] = l.fn;
+  return err;
+}
+
 int env_variant() {
   const char* v = getenv("MHC_CUDA_MERGE_PROJECT_VARIANT");
   return v ? atoi(v) : 0;
@@ -370,10 +404,8 @@ int mhc_merge_project(const void* x, const void* y, const float* h_post, const f
     snprintf(g_error, sizeof(g_error), "C=%d must be a positive multiple of 8, T=%lld > 0", C, T);
     return -1;
   }
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaError_t err = cudaFuncSetAttribute(l.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem);
+  int sms = 0;
+  cudaError_t err = prepare(l, &sms);
   if (err != cudaSuccess) {
     snprintf(g_error, sizeof(g_error), "shared memory %d bytes: %s", l.smem, cudaGetErrorString(err));
     return -1;

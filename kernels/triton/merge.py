@@ -255,9 +255,14 @@ def _post_res_proj_forward(ctx, x, y, h_post, h_res, next_phi):
     kernel where it applies, else the Triton one)."""
     x3, y2, hp, hr = _merge_inputs(ctx, x, y, h_post, h_res)
     fused = _cuda_merge_project(x3, y2, hp, hr, next_phi)
-    if fused is not None:
-        out, proj_part, ss_part = fused
-        return out.view_as(x), proj_part, ss_part
+    out, proj_part, ss_part = fused if fused is not None else _launch_post_res_proj_fwd(
+        x3, y2, hp, hr, next_phi)
+    return out.view_as(x), proj_part, ss_part
+
+
+def _launch_post_res_proj_fwd(x3, y2, hp, hr, next_phi):
+    """Triton's merge + projection kernel on ``x3 [T, n, C]``: ``(out, proj_part, ss_part)``
+    (what the CUDA kernel returns, over Triton's channel splits)."""
     t, n, c = x3.shape
     out = torch.empty_like(x3)
     m = n * n + 2 * n
@@ -268,7 +273,7 @@ def _post_res_proj_forward(ctx, x, y, h_post, h_res, next_phi):
     post_res_proj_fwd_kernel[lambda meta: (_cdiv(t, meta["BT"]), split)](
         x3, y2, hp, hr, out, phi_dot, proj_part, ss_part, t, c, c_per_split,
         N=n, M=m, BM=_pow2(m, 16), DOT_MODE=dot_mode)
-    return out.view_as(x), proj_part, ss_part
+    return out, proj_part, ss_part
 
 
 class _LinkedPostResProjFunction(torch.autograd.Function):

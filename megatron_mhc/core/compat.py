@@ -6,7 +6,9 @@ run those methods or the MoE pieces themselves run mHC too: ``TransformerBlock``
 and selective activation recompute, ``--mlp-chunks-for-training``, the local CUDA graphs of whole
 layers, the static inference engine, HybridModel's attention / MLP / MoE layers, and the
 expert-parallel overlap schedule (``--overlap-moe-expert-parallel-comm``, with
-``--ep-overlap-early-attn-memory-release``; ``--delay-wgrad-compute`` is refused: not run).
+``--ep-overlap-early-attn-memory-release`` and ``--delay-wgrad-compute``: Transformer-Engine's
+weight gradients deferred to the schedule's ``backward_dw`` calls, run on a GPU in
+``tests/test_ep_overlap.py``; not together with Transformer-Engine's CUDA graphs, not run).
 README's table "Which Megatron-Core paths run mHC" lists each with its test.
 
 A feature that was not run with mHC, or that cannot be, is listed in ``REFUSED_FEATURES`` (or
@@ -56,10 +58,6 @@ REFUSED_FEATURES: Tuple[RefusedFeature, ...] = (
                    "not run with mHC (Megatron's DDP and distributed optimizer are)"),
     RefusedFeature(("use_torch_fsdp2",), "--use-torch-fsdp2",
                    "not run with mHC (Megatron's DDP and distributed optimizer are)"),
-    RefusedFeature(("delay_wgrad_compute",), "--delay-wgrad-compute",
-                   "Megatron defers Transformer-Engine's weight gradients to a later schedule "
-                   "node (and changes when DDP reduces them); it needs Transformer-Engine and has "
-                   "not run with mHC: the expert-parallel overlap runs without it"),
     RefusedFeature(("overlap_dispatch_backward_with_experts_wgrad",),
                    "--overlap-dispatch-backward-with-experts-wgrad",
                    "it defers the experts' weight gradients inside the MoE layer (needs "
@@ -76,6 +74,12 @@ def refused_feature_problems(source: Any, mhc_config: MHCConfig) -> List[str]:
     for feature in REFUSED_FEATURES:
         if any(getattr(source, name, None) for name in feature.attributes):
             problems.append(f"{feature.flag} is not supported with mHC: {feature.reason}")
+    if (getattr(source, "delay_wgrad_compute", False)
+            and getattr(source, "cuda_graph_impl", "none") == "transformer_engine"):
+        problems.append(
+            "--delay-wgrad-compute with --cuda-graph-impl transformer_engine is not supported "
+            "with mHC: Megatron then replays the graphed sublayers' deferred weight gradients "
+            "from their own graphs, which has not run with mHC; drop one of the two flags")
     if getattr(source, "overlap_moe_expert_parallel_comm", False) and _recomputes_layernorm(source):
         problems.append(
             "--recompute-modules layernorm with --overlap-moe-expert-parallel-comm is not "
