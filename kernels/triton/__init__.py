@@ -68,8 +68,9 @@ __all__ = [
 #: Triton merge + projection kernel is slower than the merge and projection kernels it replaces
 #: (H100, T = 8192, C = 4096: 640 us against 318 us for the two, one run); on Hopper the CUDA
 #: kernel (``kernels/cuda/merge_project.cu``) takes its place and is faster than the two (293 us;
-#: C = 7168: 475 against 547 us), but the fused layer was not timed end to end, so the default
-#: stays. The ops themselves are always available here (``merge_linked_project``,
+#: C = 7168: 475 against 547 us). End to end with it the fusion is no faster: TE block C = 4096
+#: +13.6 % vs +13.7 %, the graphed 12-layer C = 768 example ~1 % slower (benchmarks/RESULTS.md),
+#: so the default stays. The ops themselves are always available here (``merge_linked_project``,
 #: ``enter_linked(..., projection=...)``).
 CROSS_SUBLAYER_FUSION = os.environ.get("MHC_CROSS_SUBLAYER_FUSION", "0")
 if CROSS_SUBLAYER_FUSION not in ("0", "1"):
