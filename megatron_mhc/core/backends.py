@@ -86,7 +86,10 @@ AUTO_ORDER = ("triton", "tilelang", "torch")
 AUTO_MEASURED = {
     9: "measured on Hopper (H100): Triton's entry forward 231 us against 546 us for this "
        "project's CUDA entry forward (kernels/cuda, one read of x; C 4096, 8192 tokens, n 4, "
-       "bf16; benchmarks/results/2026-12-06_h100/), so the CUDA kernel is no backend",
+       "bf16; benchmarks/results/2026-12-06_h100/), so the CUDA kernel is no backend; the CUDA "
+       "merge + projection runs inside Triton's cross-sublayer fusion, which stays off: no faster "
+       "end to end (TE block C 4096 +13.6 % vs +13.7 %, graphed 12-layer C 768 about 1 % slower; "
+       "benchmarks/results/2026-12-06_h100_wgrad_moe_fusion/)",
 }
 
 
