@@ -246,6 +246,20 @@ def test_te_graphs_are_accepted_for_the_mhc_variant_whole_layer_or_attention():
                                         "--cuda-graph-impl", "transformer_engine"]))
 
 
+@pytest.mark.parametrize("scope, why", [
+    ("moe_router", "H_post / H_res would have to leave the graph"),
+    ("moe_preprocess", "H_post / H_res would have to leave the graph"),
+    ("moe", r"\(not run\)"), ("mlp", r"\(not run\)")])
+def test_te_graph_scopes_inside_the_mlp_are_refused_with_their_reason(scope, why):
+    """The scopes that end the graph inside the MoE layer are refused for what would break (the
+    MLP entry's mappings have no way out of Megatron's partial-MoE replay); the others as not
+    run."""
+    args = _parse(["--enable-mhc", "--cuda-graph-impl", "transformer_engine",
+                   "--cuda-graph-modules", scope])
+    with pytest.raises(ValueError, match=f"--cuda-graph-modules {scope} .*{why}"):
+        hooks.validate_mhc_args(args)
+
+
 def test_flags_build_the_config():
     args = _parse(["--enable-mhc", "--mhc-expansion-rate", "2", "--mhc-recompute-block", "auto",
                    "--mhc-variant", "hc", "--mhc-sinkhorn-iters", "7"])

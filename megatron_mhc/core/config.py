@@ -177,6 +177,8 @@ _REFUSED_GRAPH_IMPLS = {
 #: ``--cuda-graph-modules`` scopes run with ``--cuda-graph-impl transformer_engine`` and mHC
 #: (none given: the whole layer).
 TE_GRAPH_MODULES = ("attn",)
+#: TE graph scopes that stop inside the MoE layer (Megatron's partial-MoE replay).
+_PARTIAL_MOE_GRAPH_MODULES = ("moe_router", "moe_preprocess")
 
 
 def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
@@ -210,8 +212,14 @@ def cuda_graph_problems(cuda_graph_impl: Optional[str], mhc_config: MHCConfig,
     if impl == "transformer_engine":
         unrun = [m for m in modules if m not in TE_GRAPH_MODULES]
         if unrun:
+            partial = [m for m in unrun if m in _PARTIAL_MOE_GRAPH_MODULES]
+            why = ("not run" if not partial else
+                   f"{'/'.join(partial)} end the graph inside the MoE layer, after the MLP entry: "
+                   "its H_post / H_res would have to leave the graph for the merge after the "
+                   "experts, and Megatron's partial-MoE replay returns only the router's outputs "
+                   "and the residual")
             problems.append(f"--cuda-graph-modules {' '.join(unrun)} with --cuda-graph-impl "
-                            "transformer_engine is not supported with mHC (not run); allowed: "
+                            f"transformer_engine is not supported with mHC ({why}); allowed: "
                             + ", ".join(TE_GRAPH_MODULES) + " (or none: the whole layer)")
         if mhc_config.variant != "mhc":
             problems.append(f"--cuda-graph-impl transformer_engine with --mhc-variant "
