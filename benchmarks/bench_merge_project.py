@@ -33,9 +33,10 @@ def floor_bytes(t, n, c, slices):
     return t * (2 * n * c * 2 + c * 2 + 4 * (n + n * n) + 4 * slices * (m + 1))
 
 
-def run_shape(t: int, n: int, c: int, rounds: int, bandwidth: float) -> None:
-    """One shape's correctness cross-check and timing table."""
-    shape = f"{t}x{n}x{c}"
+def merge_project_inputs(t: int, n: int, c: int):
+    """Seeded operands of the merge + projection on the GPU: bf16 ``x [T, n, C]``, ``y [T, C]``,
+    float32 ``h_post [T, n]`` in (0, 2), row-stochastic ``h_res [T, n, n]`` and bf16
+    ``phi [n*C, n*n + 2n]``."""
     m = n * n + 2 * n
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(t, n, c, device="cuda", generator=g).bfloat16()
@@ -44,6 +45,14 @@ def run_shape(t: int, n: int, c: int, rounds: int, bandwidth: float) -> None:
     hr = torch.rand(t, n, n, device="cuda", generator=g)
     hr = hr / hr.sum(-1, keepdim=True)
     phi = (torch.randn(n * c, m, device="cuda", generator=g) / (n * c) ** 0.5).bfloat16()
+    return x, y, hp, hr, phi
+
+
+def run_shape(t: int, n: int, c: int, rounds: int, bandwidth: float) -> None:
+    """One shape's correctness cross-check and timing table."""
+    shape = f"{t}x{n}x{c}"
+    m = n * n + 2 * n
+    x, y, hp, hr, phi = merge_project_inputs(t, n, c)
     reason = cuda_mp.unsupported_reason(x, phi)
     if reason:
         print(f"{shape}: CUDA kernel unavailable: {reason}")

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 import torch
+from _probe import require_gpu  # also puts benchmarks/ on sys.path
 
 
 def main(argv=None):
@@ -23,20 +24,14 @@ def main(argv=None):
     parser.add_argument("--shape", default="8192x4x4096")
     parser.add_argument("--launches", type=int, default=3)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("ncu_merge_project.py needs a CUDA GPU")
+    require_gpu("ncu_merge_project.py")
+    from bench_merge_project import merge_project_inputs
+
     from megatron_mhc.kernels.cuda import merge_project as cuda_mp
     from megatron_mhc.kernels.triton import merge as triton_merge
 
     t, n, c = (int(v) for v in args.shape.split("x"))
-    m = n * n + 2 * n
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(t, n, c, device="cuda", generator=g).bfloat16()
-    y = torch.randn(t, c, device="cuda", generator=g).bfloat16()
-    hp = 2 * torch.rand(t, n, device="cuda", generator=g)
-    hr = torch.rand(t, n, n, device="cuda", generator=g)
-    hr = hr / hr.sum(-1, keepdim=True)
-    phi = (torch.randn(n * c, m, device="cuda", generator=g) / (n * c) ** 0.5).bfloat16()
+    x, y, hp, hr, phi = merge_project_inputs(t, n, c)
     reason = cuda_mp.unsupported_reason(x, phi)
     if reason:
         sys.exit(f"CUDA kernel unavailable: {reason}")
