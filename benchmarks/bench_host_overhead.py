@@ -127,14 +127,21 @@ def op_cases(tokens: int, hidden: int, n: int):
     ]
 
 
-def gpu_kernels(fn) -> int:
-    """Number of GPU kernels (incl. memsets and copies) one call of ``fn`` launches."""
+def gpu_kernel_names(fn) -> list:
+    """Names of the GPU kernels (incl. memsets and copies) one call of ``fn`` launches, in
+    launch order."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e.name for e in sorted(events, key=lambda e: e.time_range.start)]
+
+
+def gpu_kernels(fn) -> int:
+    """Number of GPU kernels (incl. memsets and copies) one call of ``fn`` launches."""
+    return len(gpu_kernel_names(fn))
 
 
 def block_cases(tokens: int, args):
@@ -174,6 +181,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--profile", action="store_true",
                         help="also print the CPU-side torch.profiler table of the mHC block step")
+    parser.add_argument("--list-kernels", action="store_true",
+                        help="also list the GPU kernels one call of each mHC sublayer row "
+                             "launches (the mHC kernels marked), in launch order")
     parser.add_argument("--cprofile", action="store_true",
                         help="also print cProfile's top Python functions (own time) of the linked "
                              "sublayer ops and of the mHC block step")
@@ -194,6 +204,10 @@ def main(argv=None):
         big = host_us(gpu[name], iters=10)  # host time at the real size, to size the sleep
         g = gpu_us(gpu[name], big, iters=2 if block else 20)
         print(f"| {name} | {h:.1f} | {g:.1f} | {h / g:.2f} | {gpu_kernels(host[name])} |")
+    if args.list_kernels:
+        for name, fn in host.items():
+            if name.startswith("mHC sublayer ops"):
+                print_kernel_list(name, fn)
     if args.profile:
         step = host[f"{args.layers} GPT layers mHC n={args.n} triton, forward + backward"]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -206,6 +220,17 @@ def main(argv=None):
         for name in ("mHC sublayer ops linked (enter_linked + merge_linked), forward + backward",
                      f"{args.layers} GPT layers mHC n={args.n} triton, forward + backward"):
             print_cprofile(name, host[name])
+
+
+def print_kernel_list(name: str, fn) -> None:
+    """The kernels one call of ``fn`` launches; the mHC ones (this package's Triton / CUDA
+    kernels: ``*_kernel``, not PyTorch's ``at::native``) marked and counted apart from the
+    identity sublayer's and autograd's own."""
+    names = gpu_kernel_names(fn)
+    ours = [k for k in names if "_kernel" in k and "at::native" not in k]
+    print(f"\n{name}: {len(names)} GPU kernels, {len(ours)} of them mHC kernels")
+    for k in names:
+        print(f"  {'mHC ' if k in ours else '    '}{k[:110]}")
 
 
 def print_cprofile(name: str, fn, calls: int = 20) -> None:

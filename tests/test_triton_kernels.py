@@ -312,6 +312,55 @@ def _ddp_like_params(param_dtype, fused):
     return params
 
 
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+def test_dx_pass_reduces_parameter_grads_over_token_splits(accumulate):
+    """The dx/dphi pass over 1100 tokens (3 token splits): dx, and the parameter grads that the
+    last program of each K-block to finish sums from the splits' partials in the same launch
+    (dphi; dalpha / dbias from the mapping backward's per-block rows), equal a float64 sum;
+    with ``accumulate`` they are added to what the outputs hold (Megatron's ``main_grad``).
+    The arrival counters are back at zero after each launch, and a second launch gives the same
+    values bit for bit (on a GPU the programs finish in another order each time)."""
+    from megatron_mhc.kernels.triton.projection import (
+        _backward_dot_mode, arrival_counters, dx_pass_splits, norm_proj_bwd_kernel)
+
+    n, c, t, blocks = 2, 40, 1100, 9
+    kdim, m = n * c, n * n + 2 * n
+    splits, rows = dx_pass_splits(t)
+    assert splits == 3
+    x, phi = _randn(t, kdim, seed=61), _randn(kdim, m, seed=62, scale=0.2)
+    dproj, coef = _randn(t, m, seed=63), _randn(t, seed=64)
+    h_pre, d_agg, dx_add = _randn(t, n, seed=65), _randn(t, c, seed=66), _randn(t, kdim, seed=67)
+    dalpha_part, dbias_part = _randn(blocks, 3, seed=68), _randn(blocks, m, seed=69)
+    start = [_randn(kdim, m, seed=70), _randn(3, seed=71), _randn(m, seed=72)]
+
+    def launch():
+        dx = torch.empty_like(x)
+        grads = [g.clone() for g in start]
+        # The partial buffers start as NaN: a sum read before every split wrote its part shows.
+        parts = [torch.full(shape, float("nan"), device=DEVICE)
+                 for shape in ((splits, kdim, m), (splits, 3), (splits, m))]
+        norm_proj_bwd_kernel[lambda meta: (triton.cdiv(kdim, meta["BK"]), splits)](
+            x, phi, dproj, coef, dx, parts[0], h_pre, d_agg, dx_add, dalpha_part, dbias_part,
+            parts[1], parts[2], *grads,
+            arrival_counters(torch.device(DEVICE), kdim), t, kdim, c, rows, blocks,
+            N=n, M=m, BM=16, SP=4, DOT_MODE=_backward_dot_mode(x.dtype), WITH_PRE=True,
+            ADD_DX=True, ACCUMULATE=accumulate)
+        assert not arrival_counters(torch.device(DEVICE), kdim).any()
+        return [dx, *grads]
+
+    xd, dpd = x.double(), dproj.double()
+    pre_term = (h_pre.double()[:, :, None] * d_agg.double()[:, None, :]).reshape(t, kdim)
+    want = [dpd @ phi.double().T + coef.double()[:, None] * xd + pre_term + dx_add.double(),
+            xd.T @ dpd, dalpha_part.double().sum(0), dbias_part.double().sum(0)]
+    if accumulate:
+        want[1:] = [w + s0.double() for w, s0 in zip(want[1:], start)]
+    first, second = launch(), launch()
+    tol = 2e-6  # float32 operands: ieee dots on the CPU and the GPU
+    for name, got, ref, again in zip(("dx", "dphi", "dalpha", "dbias"), first, want, second):
+        _assert_close(got, ref, tol, name)
+        torch.testing.assert_close(again, got, rtol=0, atol=0, msg=f"{name}: second launch")
+
+
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_parameter_grads_accumulate_into_main_grad(param_dtype):
     """Under Megatron's gradient-accumulation fusion the entry's backward adds the float32 sums of

@@ -30,6 +30,7 @@ from megatron_mhc.kernels.triton.merge import post_res_bwd_kernel, post_res_fwd_
 from megatron_mhc.kernels.triton.pre_apply import pre_apply_bwd_kernel
 from megatron_mhc.kernels.triton.projection import (
     _projection_splits,
+    arrival_counters,
     norm_proj_bwd_kernel,
     proj_partial_kernel,
 )
@@ -184,12 +185,15 @@ def probe_shape(t, c, n, bw, only=SECTIONS):
         splits, rows = O.dx_pass_splits(t, asked)
         dphi_part = torch.empty(splits, kdim, m, device=dev)
         dalpha_split, dbias_split = torch.empty(splits, 3, device=dev), torch.empty(splits, m, device=dev)
+        grads = (torch.empty(kdim, m, device=dev), torch.empty(3, device=dev),
+                 torch.empty(m, device=dev), arrival_counters(x2.device, kdim))
         for cfg in norm_proj_bwd_kernel.configs:
             bk, bt = cfg.kwargs["BK"], cfg.kwargs["BT"]
             us = time_us(functools.partial(
                 norm_proj_bwd_kernel.fn[(cdiv(kdim, bk), splits)], x2, phi, dproj, coef, x2,
                 dphi_part, hp, d_agg, x2, dalpha_part, dbias_part, dalpha_split, dbias_split,
-                t, kdim, c, rows, g, N=n, M=m, BM=bm, DOT_MODE=0, WITH_PRE=True, ADD_DX=True,
+                *grads, t, kdim, c, rows, g, N=n, M=m, BM=bm, SP=triton.next_power_of_2(splits),
+                DOT_MODE=0, WITH_PRE=True, ADD_DX=True, ACCUMULATE=False,
                 BT=bt, BK=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             row("norm_proj_bwd (dx/dphi)", t, c,
                 f"BK {bk}, BT {bt}, {cfg.num_warps} warps, {cfg.num_stages} stages, "

@@ -13,7 +13,7 @@ import triton
 from _probe import copy_bandwidth, require_gpu
 
 from megatron_mhc.kernels.triton import PRE_MAPPINGS_BWD_TILE, dx_pass_splits
-from megatron_mhc.kernels.triton.projection import norm_proj_bwd_kernel
+from megatron_mhc.kernels.triton.projection import arrival_counters, norm_proj_bwd_kernel
 
 
 def cdiv(a: int, b: int) -> int:
@@ -52,15 +52,19 @@ def main():
             part = torch.empty(splits, kdim, m, device="cuda")
             dalpha_split = torch.empty(splits, 3, device="cuda")
             dbias_split = torch.empty(splits, m, device="cuda")
+            grads = (torch.empty(kdim, m, device="cuda"), torch.empty(3, device="cuda"),
+                     torch.empty(m, device="cuda"), arrival_counters(x.device, kdim))
             for cfg in configs:
                 bk, bt = cfg.kwargs["BK"], cfg.kwargs["BT"]
 
                 def run(bk=bk, bt=bt, cfg=cfg, kdim=kdim, c=c, x=x, phi=phi, dproj=dproj,
                         coef=coef, hp=hp, dagg=dagg, dx=dx, part=part, rows=rows, splits=splits,
-                        sums=(dalpha_part, dbias_part, dalpha_split, dbias_split), g=blocks):
+                        sums=(dalpha_part, dbias_part, dalpha_split, dbias_split), g=blocks,
+                        grads=grads):
                     kernel[(cdiv(kdim, bk), splits)](
-                        x, phi, dproj, coef, dx, part, hp, dagg, dx, *sums, t, kdim, c, rows, g,
-                        N=n, M=m, BM=32, DOT_MODE=0, WITH_PRE=True, ADD_DX=True, BT=bt, BK=bk,
+                        x, phi, dproj, coef, dx, part, hp, dagg, dx, *sums, *grads, t, kdim, c,
+                        rows, g, N=n, M=m, BM=32, SP=triton.next_power_of_2(splits), DOT_MODE=0,
+                        WITH_PRE=True, ADD_DX=True, ACCUMULATE=False, BT=bt, BK=bk,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 try:
                     us = triton.testing.do_bench(run, return_mode="median") * 1e3

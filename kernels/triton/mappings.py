@@ -24,9 +24,9 @@ from megatron_mhc.kernels.triton.projection import (
     _main_grad_targets,
     _placeholder_grad,
     _project,
+    arrival_counters,
     dx_pass_splits,
     norm_proj_bwd_kernel,
-    param_grads_kernel,
 )
 
 #: The reference's clamp of the Sinkhorn logits (+-inf -> their limits, NaN kept).
@@ -184,7 +184,8 @@ def mappings_bwd_kernel(
 
     dH_post and dH_res arrive as CB partials per token ([T, CB, n] and [T, CB, n, n], summed here:
     the post/res merge backward's per-C-block results, or CB = 1); the alpha and bias gradients
-    leave as sums over this program's BT tokens ([T/BT, 3] and [T/BT, M]) for ``param_grads_kernel``.
+    leave as sums over this program's BT tokens ([T/BT, 3] and [T/BT, M]) for the dx pass
+    (``norm_proj_bwd_kernel``), which reduces them.
     """
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -383,7 +384,7 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
 
 def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res,
                        cb=1, d_agg=None, h_pre=None, dx_add=None, dx_out=None, params=None):
-    """dx and the parameter grads (in ``param_dtypes``) of the mappings, in three launches.
+    """dx and the parameter grads (in ``param_dtypes``) of the mappings, in two launches.
 
     ``dh_pre`` None (with ``d_agg``): the entry's dH_pre is summed from x and ``d_agg`` in the
     mapping backward's own launch (``pre_mappings_bwd_kernel``).
@@ -426,16 +427,6 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     dphi_part = torch.empty(splits, kdim, m, device=dev, dtype=torch.float32)
     dalpha_split = torch.empty(splits, 3, device=dev, dtype=torch.float32)
     dbias_split = torch.empty(splits, m, device=dev, dtype=torch.float32)
-    with_pre = d_agg is not None
-    norm_proj_bwd_kernel[lambda meta: (_cdiv(kdim, meta["BK"]), splits)](
-        x2, phi_c, dproj, coef, dx, dphi_part,
-        h_pre if with_pre else coef, d_agg if with_pre else coef,
-        dx_add if dx_add is not None else dx,
-        dalpha_part, dbias_part, dalpha_split, dbias_split,
-        t, kdim, c, rows_per_split, blocks,
-        N=n, M=m, BM=bm, DOT_MODE=_backward_dot_mode(x2.dtype), WITH_PRE=with_pre,
-        ADD_DX=dx_add is not None,
-    )
     targets = _main_grad_targets(params)
     if targets is None:
         phi_dtype, alpha_dtype, bias_dtype = param_dtypes
@@ -444,10 +435,16 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
         dbias = torch.empty(m, device=dev, dtype=bias_dtype)
     else:
         dphi, dalpha, dbias = targets
-    bk = 16  # rows of dphi per program: SP x [16, BM] float32 partials loaded at once
-    param_grads_kernel[(_cdiv(kdim, bk) + 1,)](
-        dphi_part, dphi, dalpha_split, dalpha, dbias_split, dbias, kdim, splits,
-        M=m, BM=bm, BK=bk, SP=_pow2(splits), ACCUMULATE=targets is not None, num_warps=4,
+    with_pre = d_agg is not None
+    norm_proj_bwd_kernel[lambda meta: (_cdiv(kdim, meta["BK"]), splits)](
+        x2, phi_c, dproj, coef, dx, dphi_part,
+        h_pre if with_pre else coef, d_agg if with_pre else coef,
+        dx_add if dx_add is not None else dx,
+        dalpha_part, dbias_part, dalpha_split, dbias_split,
+        dphi, dalpha, dbias, arrival_counters(dev, kdim),
+        t, kdim, c, rows_per_split, blocks,
+        N=n, M=m, BM=bm, SP=_pow2(splits), DOT_MODE=_backward_dot_mode(x2.dtype),
+        WITH_PRE=with_pre, ADD_DX=dx_add is not None, ACCUMULATE=targets is not None,
     )
     if targets is not None:
         for param in params:

@@ -5,8 +5,8 @@ partials, which the mapping forward kernel (``mappings.py``) reduces; ``StreamPr
 ``project_stream`` keep them for an entry that does not read the stream itself (cross-sublayer
 fusion, ``merge.py``'s ``merge_linked_project``). Backward (``norm_proj_bwd_kernel``, the dx/dphi
 pass): ``dx = dproj @ phi^T + coef * x`` (+ the pre-apply term, + another dx of the stream) and
-the dphi partials, then ``param_grads_kernel`` reduces dphi, dalpha, dbias into the gradients or
-Megatron's ``main_grad``. The mapping and entry ops (``mappings.py``, ``entry.py``) launch both
+the dphi partials; the last program of each K-block to finish reduces its dphi rows (and, for the
+first block, dalpha and dbias) into the gradients or Megatron's ``main_grad``, in the same launch. The mapping and entry ops (``mappings.py``, ``entry.py``) launch both
 directions. ``MHC_BACKWARD_DOT_OPERANDS`` is read here (``BACKWARD_DOT_OPERANDS``: set it on this
 module).
 """
@@ -74,23 +74,32 @@ def _norm_proj_bwd_configs():
 
 
 @triton.autotune(configs=_norm_proj_bwd_configs(),
-                 key=["K", "C", "M", "WITH_PRE", "ADD_DX", "DOT_MODE"],
-                 reset_to_zero=[], restore_value=["dx_ptr"])
+                 key=["K", "C", "M", "WITH_PRE", "ADD_DX", "DOT_MODE", "ACCUMULATE"],
+                 reset_to_zero=[], restore_value=["dx_ptr", "dphi_ptr", "dalpha_ptr", "dbias_ptr"])
 @triton.jit
 def norm_proj_bwd_kernel(
     x_ptr, phi_ptr, dproj_ptr, coef_ptr, dx_ptr, dphi_part_ptr, h_pre_ptr, d_agg_ptr, dx_add_ptr,
     dalpha_part_ptr, dbias_part_ptr, dalpha_split_ptr, dbias_split_ptr,
+    dphi_ptr, dalpha_ptr, dbias_ptr, arrivals_ptr,
     T, K, C, rows_per_split, G,
-    N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, SP: tl.constexpr,
     DOT_MODE: tl.constexpr, WITH_PRE: tl.constexpr, ADD_DX: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """dx = dproj @ phi^T + coef * x (+ pre-apply term, + dx_add), dphi partial = x^T @ dproj.
+    """dx = dproj @ phi^T + coef * x (+ pre-apply term, + dx_add), dphi partial = x^T @ dproj,
+    and the parameter gradients dphi, dalpha, dbias, in one launch.
 
-    The programs of the first K-block also sum one share of the mapping backward's alpha / bias
-    partials (``[G, 3]`` / ``[G, M]``, one row per token block) into ``[SPLITS, 3]`` /
-    ``[SPLITS, M]``: a few rows each here, where one program summing all G rows (thousands at
-    T = 8192) took 15-30 us on an H100 (benchmarks/probes/probe_param_grads.py).
+    Grid (K-blocks, T-splits). The programs of the first K-block also sum one share of the
+    mapping backward's alpha / bias partials (``[G, 3]`` / ``[G, M]``, one row per token block)
+    into ``[SPLITS, 3]`` / ``[SPLITS, M]``: a few rows each here, where one program summing all G
+    rows (thousands at T = 8192) took 15-30 us on an H100.
+
+    Each program then counts its arrival on ``arrivals_ptr[kb]`` (int32, zero at launch); the
+    last of a K-block's SPLITS programs sums the block's dphi partials (and, for K-block 0, the
+    alpha / bias split rows) in split order, so the result does not depend on which program came
+    last (deterministic), writes them in the outputs' dtypes (ACCUMULATE: adds them in float32 to
+    what the outputs hold, Megatron's ``main_grad``), and sets the counter back to zero for the
+    next launch or CUDA-graph replay. SP: SPLITS rounded up to a power of two.
 
     WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
     fused entry op writes its whole dx in this one pass. ADD_DX: also add ``dx_add`` (the post/res
@@ -149,9 +158,59 @@ def norm_proj_bwd_kernel(
                  mask=row_ok[:, None] & k_ok[None, :])
     tl.store(dphi_part_ptr + split * K * M + ks[:, None] * M + cols_m[None, :], dphi,
              mask=k_ok[:, None] & m_ok[None, :])
+    splits = tl.num_programs(1)
     if kb == 0:
         _sum_rows_share(dalpha_part_ptr, dbias_part_ptr, dalpha_split_ptr, dbias_split_ptr,
-                        G, split, tl.num_programs(1), M, BM)
+                        G, split, splits, M, BM)
+    # Every thread's partials are stored before one thread's release-acquire count (the pattern
+    # of CUTLASS's split-K semaphores); the last arrival reads the others' partials after it.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + kb, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        _finish_param_grads(dphi_part_ptr, dphi_ptr, dalpha_split_ptr, dalpha_ptr,
+                            dbias_split_ptr, dbias_ptr, kb, K, splits,
+                            M, BM, SP, BK, ACCUMULATE)
+        tl.atomic_xchg(arrivals_ptr + kb, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _finish_param_grads(dphi_part_ptr, dphi_ptr, dalpha_split_ptr, dalpha_ptr, dbias_split_ptr,
+                        dbias_ptr, kb, K, SPLITS, M: tl.constexpr, BM: tl.constexpr,
+                        SP: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """K-block ``kb``'s dphi rows summed over the SPLITS partials ``[SPLITS, K, M]`` (split 0
+    first), and for ``kb == 0`` dalpha / dbias over their ``[SPLITS, 3]`` / ``[SPLITS, M]`` rows,
+    stored in the outputs' dtypes (ACCUMULATE: added to what they hold). Partials are read past
+    L1 (``.cg``): other SMs wrote them."""
+    RB: tl.constexpr = 32  # dphi rows per step: SP partial tiles of [RB, BM] in flight
+    tl.static_assert(BK % RB == 0)
+    cols = tl.arange(0, BM)
+    m_ok = cols < M
+    for r0 in tl.static_range(0, BK, RB):
+        ks = kb * BK + r0 + tl.arange(0, RB)
+        mask = (ks < K)[:, None] & m_ok[None, :]
+        offs = ks[:, None] * M + cols[None, :]
+        acc = tl.zeros([RB, BM], dtype=tl.float32)
+        for s in tl.static_range(SP):
+            acc += tl.load(dphi_part_ptr + s * (K * M) + offs, mask=mask & (s < SPLITS),
+                           other=0.0, cache_modifier=".cg")
+        if ACCUMULATE:
+            acc += tl.load(dphi_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dphi_ptr + offs, acc.to(dphi_ptr.dtype.element_ty), mask=mask)
+    if kb == 0:
+        sp = tl.arange(0, SP)
+        sp_ok = sp < SPLITS
+        a3 = tl.arange(0, 4)
+        bias_sum = tl.sum(tl.load(dbias_split_ptr + sp[:, None] * M + cols[None, :],
+                                  mask=sp_ok[:, None] & m_ok[None, :], other=0.0,
+                                  cache_modifier=".cg"), axis=0)
+        alpha_sum = tl.sum(tl.load(dalpha_split_ptr + sp[:, None] * 3 + a3[None, :],
+                                   mask=sp_ok[:, None] & (a3 < 3)[None, :], other=0.0,
+                                   cache_modifier=".cg"), axis=0)
+        if ACCUMULATE:
+            bias_sum += tl.load(dbias_ptr + cols, mask=m_ok, other=0.0).to(tl.float32)
+            alpha_sum += tl.load(dalpha_ptr + a3, mask=a3 < 3, other=0.0).to(tl.float32)
+        tl.store(dbias_ptr + cols, bias_sum.to(dbias_ptr.dtype.element_ty), mask=m_ok)
+        tl.store(dalpha_ptr + a3, alpha_sum.to(dalpha_ptr.dtype.element_ty), mask=a3 < 3)
 
 
 @triton.jit
@@ -177,48 +236,6 @@ def _sum_rows_share(dalpha_part_ptr, dbias_part_ptr, dalpha_split_ptr, dbias_spl
                              mask=g_ok[:, None] & (a3 < 3)[None, :], other=0.0)
     tl.store(dbias_split_ptr + share * M + cols, tl.sum(bias_acc, axis=0), mask=m_ok)
     tl.store(dalpha_split_ptr + share * 3 + a3, tl.sum(alpha_acc, axis=0), mask=a3 < 3)
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameter gradients: the partial sums of dphi (per T-split), dalpha and dbias (per token block)
-# reduced and written in the parameters' own dtypes, in one launch.
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def param_grads_kernel(dphi_part_ptr, dphi_ptr, dalpha_part_ptr, dalpha_ptr, dbias_part_ptr,
-                       dbias_ptr, K, SPLITS,
-                       M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, SP: tl.constexpr,
-                       ACCUMULATE: tl.constexpr):
-    """Programs 0 .. cdiv(K, BK)-1: dphi rows [BK, M] summed over SPLITS (<= SP; all partials
-    loaded at once, one memory latency); the last program: dalpha [3] and dbias [M] summed over
-    their SPLITS rows (``[SPLITS, 3]`` / ``[SPLITS, M]``, from the dx pass). ACCUMULATE: add the
-    sums (in float32) to what the outputs hold (Megatron's ``main_grad`` buffers) instead of
-    overwriting them."""
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BM)
-    m_ok = cols < M
-    sp = tl.arange(0, SP)
-    sp_ok = sp < SPLITS
-    if pid < tl.cdiv(K, BK):
-        ks = pid * BK + tl.arange(0, BK)
-        mask = (ks < K)[:, None] & m_ok[None, :]
-        offs = ks[:, None] * M + cols[None, :]
-        parts = tl.load(dphi_part_ptr + sp[:, None, None] * (K * M) + offs[None, :, :],
-                        mask=sp_ok[:, None, None] & mask[None, :, :], other=0.0)
-        acc = tl.sum(parts, axis=0)
-        if ACCUMULATE:
-            acc += tl.load(dphi_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dphi_ptr + offs, acc.to(dphi_ptr.dtype.element_ty), mask=mask)
-    else:
-        a3 = tl.arange(0, 4)
-        bias_sum = tl.sum(tl.load(dbias_part_ptr + sp[:, None] * M + cols[None, :],
-                                  mask=sp_ok[:, None] & m_ok[None, :], other=0.0), axis=0)
-        alpha_sum = tl.sum(tl.load(dalpha_part_ptr + sp[:, None] * 3 + a3[None, :],
-                                   mask=sp_ok[:, None] & (a3 < 3)[None, :], other=0.0), axis=0)
-        if ACCUMULATE:
-            bias_sum += tl.load(dbias_ptr + cols, mask=m_ok, other=0.0).to(tl.float32)
-            alpha_sum += tl.load(dalpha_ptr + a3, mask=a3 < 3, other=0.0).to(tl.float32)
-        tl.store(dbias_ptr + cols, bias_sum.to(dbias_ptr.dtype.element_ty), mask=m_ok)
-        tl.store(dalpha_ptr + a3, alpha_sum.to(dalpha_ptr.dtype.element_ty), mask=a3 < 3)
 
 
 def _projection_dot(x_dtype: torch.dtype, phi: torch.Tensor):
@@ -316,6 +333,29 @@ def dx_pass_splits(t: int, splits: int | None = None):
         splits = max(1, min(8, _cdiv(t, 512)))
     rows_per_split = _cdiv(_cdiv(t, splits), 128) * 128
     return _cdiv(t, rows_per_split), rows_per_split
+
+
+#: The dx pass's arrival counters, one int32 per K-block, per (device, stream): launches on one
+#: stream run in order and each launch leaves its counters at zero again.
+_ARRIVAL_COUNTERS: dict = {}
+_MIN_BK = 32  # no autotuned BK is smaller: enough counters for any of them
+
+
+def arrival_counters(device: torch.device, kdim: int) -> torch.Tensor:
+    """Zeroed int32 counters for one dx/dphi pass over ``kdim`` columns on ``device``'s current
+    stream. Reused across launches (the pass sets them back to zero) except under CUDA-graph
+    capture, where each call gets its own (a memset node in the graph), so graphs captured on
+    one stream may replay concurrently."""
+    count = _cdiv(kdim, _MIN_BK)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, device=device, dtype=torch.int32)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _ARRIVAL_COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
+        _ARRIVAL_COUNTERS[key] = counters
+    return counters
 
 
 #: Operands of the two GEMMs in the mapping backward (dx = dproj @ phi^T, dphi = x^T @ dproj) when x
