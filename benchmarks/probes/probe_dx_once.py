@@ -1,0 +1,166 @@
+"""Probe: can the entry backward's dx pass apply H_resᵀ to the upstream gradient itself?
+
+Today one linked sublayer's backward moves 64·C bytes per token (bf16, n = 4): the merge backward
+reads g = dL/dx_{l+1}, x and y and writes dx_merge = H_resᵀ·g and dy; the dx/dφ pass reads x,
+d_agg and dx_merge and writes dx over it. "dx written once" (benchmarks/NOTES_kernels.md, "After
+v16") moves H_resᵀ·g into the dx pass, which then reads g instead of dx_merge; the merge backward
+no longer reads x nor writes dx_merge, and dH_res = g·xᵀ joins the per-token dH_pre pass: 56·C.
+The catch is the dx pass: its program owns one stream's channel block, and H_resᵀ·g needs all n
+streams of that block, so it loads n tiles of g where it loaded one of dx_merge. Whether L2
+absorbs the n-fold reads (the n programs of a channel block run side by side) decides the plan.
+
+This times the dx pass both ways on the same code (``G_RES`` off: today's ``ADD_DX`` load of one
+dx tile; on: n tiles of g and H_res per token), every tile shape of the production autotune list,
+L2 flushed before every run, against the floor of the bytes each must move (both: read x, d_agg
+and one n·C-wide gradient, write dx). ``--check`` runs a small case against PyTorch (also on CPU
+under ``TRITON_INTERPRET=1``).
+
+    python3 benchmarks/probes/probe_dx_once.py [--shapes 8192x4096 8192x7168 4096x768]
+    TRITON_INTERPRET=1 python3 benchmarks/probes/probe_dx_once.py --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from _probe import copy_bandwidth, require_gpu, time_us
+
+from megatron_mhc.kernels.triton.projection import _norm_proj_bwd_configs
+
+
+@triton.jit
+def dx_pass_kernel(x_ptr, phi_ptr, dproj_ptr, coef_ptr, h_pre_ptr, d_agg_ptr, grad_ptr,
+                   h_res_ptr, dx_ptr, dphi_part_ptr, T, K, C, rows_per_split,
+                   N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, G_RES: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr):
+    """dx = dproj·φᵀ + coef·x + H_pre·d_agg + (G_RES ? Σ_j H_res[t, j, i]·g_j : dx_merge), and
+    the dφ partial; the K-block lies in one stream i (C % BK == 0). bf16 dots, fp32 sums."""
+    kb = tl.program_id(0)
+    split = tl.program_id(1)
+    ks = kb * BK + tl.arange(0, BK)
+    stream = (kb * BK) // C
+    cs = (kb * BK) % C + tl.arange(0, BK)
+    cols_m = tl.arange(0, BM)
+    m_ok = cols_m < M
+    phi_t = tl.load(phi_ptr + ks[:, None] * M + cols_m[None, :], mask=m_ok[None, :],
+                    other=0.0).to(x_ptr.dtype.element_ty)
+    dphi = tl.zeros([BK, BM], dtype=tl.float32)
+    t_begin = split * rows_per_split
+    for t0 in range(t_begin, t_begin + rows_per_split, BT):
+        rows = t0 + tl.arange(0, BT)
+        row_ok = rows < T
+        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
+        dp = tl.load(dproj_ptr + rows[:, None] * M + cols_m[None, :],
+                     mask=row_ok[:, None] & m_ok[None, :], other=0.0).to(xt.dtype)
+        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+        dxt = tl.dot(dp, tl.trans(phi_t))
+        dphi = tl.dot(tl.trans(xt), dp, dphi)
+        dxt += coef[:, None] * xt.to(tl.float32)
+        da = tl.load(d_agg_ptr + rows[:, None] * C + cs[None, :], mask=row_ok[:, None], other=0.0)
+        hp = tl.load(h_pre_ptr + rows * N + stream, mask=row_ok, other=0.0)
+        dxt += hp[:, None] * da.to(tl.float32)
+        if G_RES:
+            for j in tl.static_range(N):
+                hr = tl.load(h_res_ptr + rows * (N * N) + j * N + stream, mask=row_ok, other=0.0)
+                gj = tl.load(grad_ptr + rows[:, None] * K + (j * C + cs)[None, :],
+                             mask=row_ok[:, None], other=0.0)
+                dxt += hr[:, None] * gj.to(tl.float32)
+        else:
+            dxt += tl.load(grad_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None],
+                           other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * K + ks[None, :], dxt.to(xt.dtype), mask=row_ok[:, None])
+    tl.store(dphi_part_ptr + split * K * M + ks[:, None] * M + cols_m[None, :], dphi,
+             mask=m_ok[None, :])
+
+
+def make_inputs(t: int, n: int, c: int, device: str, dtype=torch.bfloat16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    m = n * n + 2 * n
+
+    def rand(*shape, dt=torch.float32):
+        return torch.randn(*shape, generator=g).to(dt).to(device)
+
+    return dict(x=rand(t, n * c, dt=dtype), phi=rand(n * c, m, dt=dtype) * 0.2, dproj=rand(t, m),
+                coef=rand(t), h_pre=rand(t, n).sigmoid(), d_agg=rand(t, c, dt=dtype),
+                grad=rand(t, n * c, dt=dtype), h_res=rand(t, n, n).softmax(-1))
+
+
+def launch(inp, n, c, g_res, bk, bt, warps=4, stages=2, splits=8):
+    t, kdim = inp["x"].shape
+    m = n * n + 2 * n
+    rows = triton.cdiv(triton.cdiv(t, splits), 128) * 128
+    splits = triton.cdiv(t, rows)
+    dx = torch.empty_like(inp["x"])
+    part = torch.empty(splits, kdim, m, device=dx.device)
+    fn = functools.partial(
+        dx_pass_kernel[(kdim // bk, splits)], inp["x"], inp["phi"], inp["dproj"], inp["coef"],
+        inp["h_pre"], inp["d_agg"], inp["grad"], inp["h_res"], dx, part, t, kdim, c, rows,
+        N=n, M=m, BM=triton.next_power_of_2(max(m, 16)), G_RES=g_res, BT=bt, BK=bk,
+        num_warps=warps, num_stages=stages)
+    return fn, dx, part
+
+
+def check(device: str) -> None:
+    """Both variants against PyTorch in float64, on a small case."""
+    n, c, t = 4, 128, 300
+    inp = make_inputs(t, n, c, device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    d = {k: v.double() for k, v in inp.items()}
+    base = (d["dproj"] @ d["phi"].T + d["coef"][:, None] * d["x"]
+            + (d["h_pre"][:, :, None] * d["d_agg"][:, None, :]).reshape(t, n * c))
+    g3 = d["grad"].view(t, n, c)
+    want = {False: base + d["grad"],
+            True: base + torch.einsum("tji,tjc->tic", d["h_res"], g3).reshape(t, n * c)}
+    for g_res in (False, True):
+        fn, dx, part = launch(inp, n, c, g_res, bk=64, bt=32)
+        fn()
+        err = ((dx.double() - want[g_res]).norm() / want[g_res].norm()).item()
+        derr = ((part.sum(0).double() - d["x"].T @ d["dproj"]).norm()
+                / (d["x"].T @ d["dproj"]).norm()).item()
+        print(f"G_RES={g_res}: dx relative error {err:.2e}, dphi {derr:.2e}")
+        assert err < 2e-2 and derr < 2e-2, (g_res, err, derr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["8192x4096", "8192x7168", "4096x768"],
+                        help="TOKENSxHIDDEN pairs")
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--check", action="store_true", help="only the correctness check")
+    args = parser.parse_args()
+    if args.check:
+        check("cuda" if torch.cuda.is_available() else "cpu")
+        return
+    require_gpu("probe_dx_once.py")
+    check("cuda")
+    bw = copy_bandwidth()
+    n = args.n
+    print(f"{torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | n={n} | bf16, "
+          "L2 flushed before every run; floor: read x, d_agg, one n·C gradient, write dx")
+    print("| T | C | dx pass | BK | BT | warps | stages | us | % of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        t, c = (int(v) for v in shape.lower().split("x"))
+        inp = make_inputs(t, n, c, "cuda")
+        floor_us = t * (3 * n * c + c) * 2 / bw * 1e6
+        best = {}
+        for g_res in (False, True):
+            for cfg in _norm_proj_bwd_configs():
+                bk, bt = cfg.kwargs["BK"], cfg.kwargs["BT"]
+                if c % bk:
+                    continue
+                fn, _, _ = launch(inp, n, c, g_res, bk, bt, cfg.num_warps, cfg.num_stages)
+                us = time_us(fn)
+                best[g_res] = min(best.get(g_res, us), us)
+                name = "n tiles of g, H_res applied" if g_res else "dx_merge added (today)"
+                print(f"| {t} | {c} | {name} | {bk} | {bt} | {cfg.num_warps} | "
+                      f"{cfg.num_stages} | {us:.1f} | {100 * floor_us / us:.0f}% |", flush=True)
+        print(f"| {t} | {c} | best: today {best[False]:.1f}, H_res applied {best[True]:.1f} "
+              f"({100 * (best[True] / best[False] - 1):+.1f} %) | | | | | | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
