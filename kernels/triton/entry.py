@@ -86,9 +86,9 @@ class _EntryFunction(torch.autograd.Function):
     """Mappings + pre-apply of one sublayer: (x, phi, alpha, bias) -> (agg, H_post, H_res).
 
     Forward: the projection pass, then one kernel for the mappings and the pre-apply. Backward:
-    one kernel for dH_pre (a pass over x and d_agg) and the per-token mapping backward, one pass
-    that writes the whole dx (projection, norm and pre-apply terms) and the dphi partials, and one
-    launch for the parameter grads.
+    one kernel for dH_pre (a pass over x and d_agg) and the per-token mapping backward, and one
+    pass that writes the whole dx (projection, norm and pre-apply terms) and the parameter grads
+    (its last program per channel block sums the dphi partials).
     """
 
     @staticmethod
