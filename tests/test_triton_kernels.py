@@ -321,7 +321,11 @@ def test_dx_pass_reduces_parameter_grads_over_token_splits(accumulate):
     The arrival counters are back at zero after each launch, and a second launch gives the same
     values bit for bit (on a GPU the programs finish in another order each time)."""
     from megatron_mhc.kernels.triton.projection import (
-        _backward_dot_mode, arrival_counters, dx_pass_splits, norm_proj_bwd_kernel)
+        _backward_dot_mode,
+        arrival_counters,
+        dx_pass_splits,
+        norm_proj_bwd_kernel,
+    )
 
     n, c, t, blocks = 2, 40, 1100, 9
     kdim, m = n * c, n * n + 2 * n

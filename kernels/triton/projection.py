@@ -6,9 +6,9 @@ partials, which the mapping forward kernel (``mappings.py``) reduces; ``StreamPr
 fusion, ``merge.py``'s ``merge_linked_project``). Backward (``norm_proj_bwd_kernel``, the dx/dphi
 pass): ``dx = dproj @ phi^T + coef * x`` (+ the pre-apply term, + another dx of the stream) and
 the dphi partials; the last program of each K-block to finish reduces its dphi rows (and, for the
-first block, dalpha and dbias) into the gradients or Megatron's ``main_grad``, in the same launch. The mapping and entry ops (``mappings.py``, ``entry.py``) launch both
-directions. ``MHC_BACKWARD_DOT_OPERANDS`` is read here (``BACKWARD_DOT_OPERANDS``: set it on this
-module).
+first block, dalpha and dbias) into the gradients or Megatron's ``main_grad``, in the same launch.
+The mapping and entry ops (``mappings.py``, ``entry.py``) launch both directions.
+``MHC_BACKWARD_DOT_OPERANDS`` is read here (``BACKWARD_DOT_OPERANDS``: set it on this module).
 """
 
 import os
