@@ -56,6 +56,7 @@ def test_version_help_and_info(tmp_path):
     assert "CUDA device: none" in result.stdout and "auto resolves to: torch" in result.stdout
     assert ("cross-sublayer fusion   off (MHC_CROSS_SUBLAYER_FUSION); its CUDA merge + projection "
             "kernel: unavailable: no CUDA device") in result.stdout
+    assert "dx-once backward        off (MHC_BACKWARD_DX_ONCE" in result.stdout
     result = run("frobnicate", cwd=tmp_path)
     assert result.returncode == 2 and "allowed: info, demo" in result.stderr
 

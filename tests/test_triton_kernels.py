@@ -822,3 +822,72 @@ def test_unknown_cross_sublayer_fusion_switch_is_refused():
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "MHC_CROSS_SUBLAYER_FUSION='yes': allowed 0, 1" in done.stderr
+
+
+def test_unknown_dx_once_switch_is_refused():
+    """A bad MHC_BACKWARD_DX_ONCE stops the import with an error naming it and 0, 1."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MHC_BACKWARD_DX_ONCE="on")
+    done = subprocess.run([sys.executable, "-c", "import megatron_mhc.kernels.triton"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "MHC_BACKWARD_DX_ONCE='on': allowed 0, 1" in done.stderr
+
+
+@pytest.fixture
+def dx_once(monkeypatch):
+    """The linked pair's "dx once" backward switched on (``MHC_BACKWARD_DX_ONCE=1``); yields the
+    ``with_x`` of every merge backward that runs (False: x not read, no dx written there)."""
+    from megatron_mhc.kernels.triton import _launch, merge
+
+    monkeypatch.setattr(_launch, "BACKWARD_DX_ONCE", "1")
+    calls = []
+    real = merge._post_res_backward
+
+    def spy(ctx, dout, with_x=True):
+        calls.append(with_x)
+        return real(ctx, dout, with_x)
+
+    monkeypatch.setattr(merge, "_post_res_backward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype, n, c, extra_use, variant", [
+    pytest.param(dtype, *shape, id="-".join([_dtype_id(dtype), *map(str, shape)]))
+    for dtype in (torch.float32, torch.bfloat16)
+    for shape in ((4, 48, False, "mhc"), (3, 24, True, "mhc"), (2, 600, True, "mhc"),
+                  (8, 20, False, "mhc"), (4, 256, False, "hc"))])
+def test_linked_pair_dx_once_backward(dx_once, dtype, n, c, extra_use, variant):
+    """With the "dx once" backward the merge backward reads only g and y (dy, dH_post), the
+    entry's mapping pass sums dH_res = g·xᵀ and its dx pass applies H_resᵀ·g: outputs and every
+    gradient still equal the float64 composition (C = 600: K-blocks across two streams; H_post
+    / H_res used elsewhere too; n = 3 padded)."""
+    test_linked_entry_and_merge(dtype, n, c, extra_use, variant)
+    assert dx_once and not any(dx_once)
+
+
+def test_cross_sublayer_fusion_with_the_dx_once_backward(dx_once):
+    """Two sublayers, the first merge making the second entry's projection, with the "dx once"
+    backward: the float64 composition's outputs and gradients."""
+    test_cross_sublayer_fusion(torch.float32, 4, 48)
+    assert len(dx_once) == 2 and not any(dx_once)
+
+
+def test_dx_once_backward_equals_the_default_one(monkeypatch):
+    """Both backwards of the linked pair give the same gradients to float32 rounding (the
+    stream's dx sums the same terms in another order)."""
+    from megatron_mhc.kernels.triton import _launch
+
+    n, c, t, m = 4, 40, 13, 24
+    inputs = [_randn(t, n, c, seed=81), _randn(n * c, m, seed=82, scale=0.2),
+              torch.full((3,), 0.8, device=DEVICE), _randn(m, seed=83), _randn(c, seed=84)]
+    g = [_randn(t, n, c, seed=85)]
+    grads = {}
+    for switch in ("0", "1"):
+        monkeypatch.setattr(_launch, "BACKWARD_DX_ONCE", switch)
+        grads[switch] = _grads(_linked_sublayer(_ops(), False), inputs, g)[1]
+    for name, default, once in zip(("x", "phi", "alpha", "bias", "w"), grads["0"], grads["1"]):
+        _assert_close(once, default, 1e-6, f"grad of {name}")

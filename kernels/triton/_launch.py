@@ -11,6 +11,15 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Triton's interpreter has no 16-bit tl.dot: 16-bit inputs take the (exact) tf32 path there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+#: The linked pair's "dx once" backward (``MHC_BACKWARD_DX_ONCE=1``): the merge backward reads
+#: only its upstream gradient g and y (dy, dH_post), the entry's mapping pass also sums
+#: dH_res = g·xᵀ, and the entry's dx pass applies H_resᵀ·g itself, so the stream's dx is written
+#: once per sublayer (56·C instead of 64·C bytes per token at n = 4, bf16). Off by default: not
+#: yet timed on a GPU (benchmarks/NOTES_kernels.md, "After v16"). Read at every backward.
+BACKWARD_DX_ONCE = os.environ.get("MHC_BACKWARD_DX_ONCE", "0")
+if BACKWARD_DX_ONCE not in ("0", "1"):
+    raise ValueError(f"MHC_BACKWARD_DX_ONCE={BACKWARD_DX_ONCE!r}: allowed 0, 1")
+
 
 # Plain-Python launch arithmetic: triton.cdiv / triton.next_power_of_2 are constexpr-function
 # wrappers costing several microseconds of host time per call, and every op makes several.

@@ -28,13 +28,14 @@ class SublayerLink:
     kernels run). The entry backward takes them and clears the link.
     """
 
-    __slots__ = ("dx", "dh_post_part", "dh_res_part", "stream")
+    __slots__ = ("dx", "dh_post_part", "dh_res_part", "stream", "g", "h_res")
 
     def __init__(self):
         self.clear()
 
     def clear(self):
         self.dx = self.dh_post_part = self.dh_res_part = self.stream = None
+        self.g = self.h_res = None  # the "dx once" backward: the merge's upstream grad, H_res
 
 
 def _entry_forward(ctx, x, phi, alpha, bias, variant_mhc, iters, eps, projection=None):
@@ -58,27 +59,34 @@ def _entry_backward(ctx, d_agg, dh_post, dh_res, link=None, d_stream=None):
     dh_pre = None  # summed in the mapping backward's launch (pre_mappings_bwd_kernel)
     cb, dx_out = 1, None
     dx_add = None if d_stream is None else _contig(d_stream.reshape(t, n * c))
+    g = h_res = None
     if link is not None and link.dh_post_part is not None:
+        g, h_res = link.g, link.h_res
         if link.stream is not None and link.stream != torch.cuda.current_stream(dev):
-            for buf in (link.dx, link.dh_post_part, link.dh_res_part):
-                buf.record_stream(torch.cuda.current_stream(dev))
+            for buf in (link.dx, link.dh_post_part, link.dh_res_part, g, h_res):
+                if buf is not None:
+                    buf.record_stream(torch.cuda.current_stream(dev))
         hp_part, hr_part, cb = link.dh_post_part, link.dh_res_part, link.dh_post_part.shape[1]
         if dh_post is not None or dh_res is not None:  # H_post / H_res used elsewhere too
             hp_part = hp_part.sum(1, keepdim=True) + _grad_f32(dh_post, (t, 1, n), dev)
-            hr_part = hr_part.sum(1, keepdim=True) + _grad_f32(dh_res, (t, 1, n, n), dev)
+            hr_extra = _grad_f32(dh_res, (t, 1, n, n), dev)
+            hr_part = hr_extra if hr_part is None else hr_part.sum(1, keepdim=True) + hr_extra
             cb = 1
         dh_post, dh_res = hp_part, hr_part
         # The merge's own fresh buffer comes back unchanged: dx is written over it in place.
-        if (dx_add is not None and dx_add.data_ptr() == link.dx.data_ptr()
-                and dx_add.dtype == x2.dtype):
+        if (link.dx is not None and dx_add is not None
+                and dx_add.data_ptr() == link.dx.data_ptr() and dx_add.dtype == x2.dtype):
             dx_out = dx_add
         link.clear()
+        if g is not None:
+            g = g.reshape(t, n * c)
     else:
         dh_post = _grad_f32(dh_post, (t, n), dev)
         dh_res = _grad_f32(dh_res, (t, n, n), dev)
     dx, dphi, dalpha, dbias = _mappings_backward(
         saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res, cb=cb,
-        d_agg=d_agg, h_pre=h_pre, dx_add=dx_add, dx_out=dx_out, params=ctx.params)
+        d_agg=d_agg, h_pre=h_pre, dx_add=dx_add, dx_out=dx_out, params=ctx.params,
+        g=g, h_res=h_res)
     return dx.view(*lead, n, c), dphi, dalpha, dbias
 
 

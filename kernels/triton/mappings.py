@@ -195,7 +195,8 @@ def mappings_bwd_kernel(
                      mask=row_ok[:, None] & (ii < N)[None, :], other=0.0)
     _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
                        dh_post_ptr, dh_res_ptr, dproj_ptr, coef_ptr, dalpha_part_ptr,
-                       dbias_part_ptr, lse_scratch_ptr, K, CB, N, NP, M, VARIANT_MHC, ITERS, BT)
+                       dbias_part_ptr, lse_scratch_ptr, K, CB, N, NP, M, VARIANT_MHC, ITERS, BT,
+                       tl.zeros([BT, NP, NP], dtype=tl.float32), True)
 
 
 @triton.jit
@@ -206,19 +207,58 @@ def pre_mappings_bwd_kernel(
     T, K, C, CB,
     N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
     VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    g_ptr=None, WITH_G: tl.constexpr = False, RES_PARTS: tl.constexpr = True,
 ):
     """The entry backward's dH_pre pass and mapping backward in one launch: each program sums
     ``dH_pre[t, i] = sum_c x[t, i, c] d_agg[t, c]`` over its BT whole token rows (x ``[T, n, C]``,
     d_agg ``[T, C]``; as ``pre_apply_bwd_kernel``), then runs ``mappings_bwd_kernel``'s per-token
-    work on those rows with dH_pre still in registers (same outputs; partial rows per BT tokens)."""
+    work on those rows with dH_pre still in registers (same outputs; partial rows per BT tokens).
+
+    WITH_G (the "dx once" backward): the same pass also sums ``dH_res[t, i, j] = sum_c g[t, i, c]
+    x[t, j, c]`` from the merge's upstream gradient g ``[T, n, C]``, added to the ``dh_res``
+    partials if RES_PARTS (else there are none)."""
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     row_ok = rows < T
-    # No dx here (WRITE_DX False): the h and dx arguments are unused placeholders.
-    dh_pre = _pre_apply_dh(x_ptr, d_agg_ptr, 0.0, x_ptr, rows, row_ok, C, N, NP, BT, BC, False)
+    if WITH_G:
+        dh_pre, dh_res = _pre_dh_and_res(x_ptr, d_agg_ptr, g_ptr, rows, row_ok, C, N, NP, BT, BC)
+    else:
+        # No dx here (WRITE_DX False): the h and dx arguments are unused placeholders.
+        dh_pre = _pre_apply_dh(x_ptr, d_agg_ptr, 0.0, x_ptr, rows, row_ok, C, N, NP, BT, BC,
+                               False)
+        dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
     _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
                        dh_post_ptr, dh_res_ptr, dproj_ptr, coef_ptr, dalpha_part_ptr,
-                       dbias_part_ptr, lse_scratch_ptr, K, CB, N, NP, M, VARIANT_MHC, ITERS, BT)
+                       dbias_part_ptr, lse_scratch_ptr, K, CB, N, NP, M, VARIANT_MHC, ITERS, BT,
+                       dh_res, RES_PARTS)
+
+
+@triton.jit
+def _pre_dh_and_res(x_ptr, d_agg_ptr, g_ptr, rows, row_ok, C,
+                    N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """``dH_pre [BT, NP]`` and ``dH_res [BT, NP, NP]`` of tokens ``rows`` in one pass over their
+    rows of x, d_agg and g (x_j re-read per stream from L1, as the merge backward does)."""
+    ii = tl.arange(0, NP)
+    i_ok = ii < N
+    dh = tl.zeros([BT, NP], dtype=tl.float32)
+    dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cs = c0 + tl.arange(0, BC)
+        c_ok = cs < C
+        mask = row_ok[:, None] & c_ok[None, :]
+        m3 = row_ok[:, None, None] & i_ok[None, :, None] & c_ok[None, None, :]
+        d = tl.load(d_agg_ptr + rows[:, None] * C + cs[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
+        x3 = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+        g3 = tl.load(g_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+        dh += tl.sum(x3 * d[:, None, :], axis=2)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            col = tl.sum(g3 * xj[:, None, :], axis=2)  # dH_res[:, i, j] over i: [BT, NP]
+            dh_res += tl.where((ii == j)[None, None, :], col[:, :, None], 0.0)
+    return dh, dh_res
 
 
 @triton.jit
@@ -226,20 +266,22 @@ def _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr,
                        dh_post_ptr, dh_res_ptr, dproj_ptr, coef_ptr, dalpha_part_ptr,
                        dbias_part_ptr, lse_scratch_ptr, K, CB,
                        N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
-                       VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr):
-    """The mapping backward of tokens ``rows`` (block ``pid``) given their dH_pre [BT, NP]."""
+                       VARIANT_MHC: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
+                       dh_res, RES_PARTS: tl.constexpr):
+    """The mapping backward of tokens ``rows`` (block ``pid``) given their dH_pre [BT, NP] and a
+    first part of dH_res [BT, NP, NP] (to which the CB partials are added if RES_PARTS)."""
     rinv = tl.load(rinv_ptr + rows, mask=row_ok, other=0.0)
     z_pre, z_post, z_res, dyn_pre, dyn_post, dyn_res, m2, m3 = _load_logits(
         proj_ptr, rinv, alpha_ptr, bias_ptr, rows, row_ok, N, NP, M, VARIANT_MHC)
     ii = tl.arange(0, NP)
     dh_post = tl.zeros([BT, NP], dtype=tl.float32)
-    dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
     res_in_row = ii[None, :, None] * N + ii[None, None, :]
     for cb in range(CB):
         dh_post += tl.load(dh_post_ptr + (rows[:, None] * CB + cb) * N + ii[None, :], mask=m2,
                            other=0.0)
-        dh_res += tl.load(dh_res_ptr + (rows[:, None, None] * CB + cb) * (N * N) + res_in_row,
-                          mask=m3, other=0.0)
+        if RES_PARTS:
+            dh_res += tl.load(dh_res_ptr + (rows[:, None, None] * CB + cb) * (N * N)
+                              + res_in_row, mask=m3, other=0.0)
     a_pre = tl.load(alpha_ptr + 0).to(tl.float32)
     a_post = tl.load(alpha_ptr + 1).to(tl.float32)
     a_res = tl.load(alpha_ptr + 2).to(tl.float32)
@@ -383,7 +425,8 @@ def _mappings_forward(x, phi, alpha, bias, variant_mhc: bool, iters: int, eps: f
 
 
 def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_post, dh_res,
-                       cb=1, d_agg=None, h_pre=None, dx_add=None, dx_out=None, params=None):
+                       cb=1, d_agg=None, h_pre=None, dx_add=None, dx_out=None, params=None,
+                       g=None, h_res=None):
     """dx and the parameter grads (in ``param_dtypes``) of the mappings, in two launches.
 
     ``dh_pre`` None (with ``d_agg``): the entry's dH_pre is summed from x and ``d_agg`` in the
@@ -395,6 +438,11 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     (the linked merge's); ``dx_out`` is where dx goes (may be ``dx_add`` itself). ``params``:
     the (phi, alpha, bias) parameters; where ``_main_grad_targets`` allows, their float32 sums go
     straight into ``main_grad`` and placeholders come back.
+
+    ``g`` / ``h_res`` (the "dx once" backward, with ``dh_pre`` None): the linked merge's upstream
+    gradient ``[T, n*C]`` and its float32 H_res ``[T, n, n]``; dH_res = g·xᵀ is summed in the
+    mapping backward's pass (``dh_res`` None: no partials, or ``[T, cb, n, n]`` more of it) and
+    ``H_resᵀ·g`` goes into dx in the dx pass.
     """
     x2, phi_c, alpha_f, bias_f, proj, rinv = saved
     t, kdim = x2.shape
@@ -416,9 +464,18 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
     dbias_part = torch.empty(blocks, m, device=dev, dtype=torch.float32)
     outs = (dh_post, dh_res, dproj, coef, dalpha_part, dbias_part, scratch)
     meta = dict(N=n, NP=np_, M=m, VARIANT_MHC=variant_mhc, ITERS=iters, BT=bt, num_warps=warps)
+    with_g = g is not None
+    if with_g and dh_pre is not None:
+        raise ValueError("_mappings_backward: g (the dx-once backward) needs dh_pre=None")
+    if dh_res is None and not with_g:
+        raise ValueError("_mappings_backward: dh_res may be None only with g")
+    if dh_res is None:  # the dx-once backward without other uses of H_res: no partials
+        outs = (dh_post, dh_post, *outs[2:])
     if dh_pre is None:
         pre_mappings_bwd_kernel[(blocks,)](x2, d_agg, proj, rinv, alpha_f, bias_f, *outs,
-                                             t, kdim, c, cb, BC=bc, **meta)
+                                             t, kdim, c, cb, BC=bc, g_ptr=g if with_g else None,
+                                             WITH_G=with_g, RES_PARTS=dh_res is not None,
+                                             **meta)
     else:
         mappings_bwd_kernel[(blocks,)](proj, rinv, alpha_f, bias_f, dh_pre, *outs, t, kdim, cb,
                                          **meta)
@@ -445,6 +502,7 @@ def _mappings_backward(saved, n, variant_mhc, iters, param_dtypes, dh_pre, dh_po
         t, kdim, c, rows_per_split, blocks,
         N=n, M=m, BM=bm, SP=_pow2(splits), DOT_MODE=_backward_dot_mode(x2.dtype),
         WITH_PRE=with_pre, ADD_DX=dx_add is not None, ACCUMULATE=targets is not None,
+        g_ptr=g if with_g else None, h_res_ptr=h_res if with_g else None, G_RES=with_g,
     )
     if targets is not None:
         for param in params:

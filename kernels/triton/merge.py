@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from megatron_mhc.core.ops import reference
+from megatron_mhc.kernels.triton import _launch
 from megatron_mhc.kernels.triton._launch import _cdiv, _check, _contig, _dot_acc, _f32, _pow2
 from megatron_mhc.kernels.triton.projection import (
     StreamProjection,
@@ -107,11 +108,13 @@ def post_res_proj_fwd_kernel(
 @triton.jit
 def post_res_bwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, dout_ptr,
                         dx_ptr, dy_ptr, dh_post_part_ptr, dh_res_part_ptr, T, C, CB,
-                        N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                        N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                        WITH_X: tl.constexpr = True):
     # One [BT tokens, BC channels] tile per program, as in the forward:
     # dx[j] = sum_i H_res[i, j] dout[i]; dy = sum_i H_post[i] dout[i] (written directly);
     # dH_res[i, j] = <dout[i], x[j]>, dH_post[i] = <dout[i], y> as per-C-block partials
-    # [T, CB, ...] that the caller sums over CB.
+    # [T, CB, ...] that the caller sums over CB. WITH_X False (the "dx once" backward): only dy
+    # and the dH_post partials; x is not read, dx and dH_res are left to the entry's backward.
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cb = tl.program_id(1)
     cs = cb * BC + tl.arange(0, BC)
@@ -131,16 +134,17 @@ def post_res_bwd_kernel(x_ptr, y_ptr, h_post_ptr, h_res_ptr, dout_ptr,
     part = rows * CB + cb  # [BT] index of this (token, C-block) partial
     tl.store(dh_post_part_ptr + part[:, None] * N + ii[None, :], tl.sum(d3 * y[:, None, :], axis=2),
              mask=m2)
-    for j in tl.static_range(N):
-        xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        hj = tl.load(h_res_ptr + rows[:, None] * (N * N) + ii[None, :] * N + j, mask=m2,
-                     other=0.0)  # column j of H_res over i: [BT, i]
-        dxj = tl.sum(hj[:, :, None] * d3, axis=1)
-        tl.store(dx_ptr + rows[:, None] * (N * C) + j * C + cs[None, :],
-                 dxj.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dh_res_part_ptr + part[:, None] * (N * N) + ii[None, :] * N + j,
-                 tl.sum(d3 * xj[:, None, :], axis=2), mask=m2)
+    if WITH_X:
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            hj = tl.load(h_res_ptr + rows[:, None] * (N * N) + ii[None, :] * N + j, mask=m2,
+                         other=0.0)  # column j of H_res over i: [BT, i]
+            dxj = tl.sum(hj[:, :, None] * d3, axis=1)
+            tl.store(dx_ptr + rows[:, None] * (N * C) + j * C + cs[None, :],
+                     dxj.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh_res_part_ptr + part[:, None] * (N * N) + ii[None, :] * N + j,
+                     tl.sum(d3 * xj[:, None, :], axis=2), mask=m2)
 
 
 def merge_tile(c: int):
@@ -187,21 +191,23 @@ def _post_res_forward(ctx, x, y, h_post, h_res):
     return _launch_post_res_fwd(x3, y2, hp, hr, torch.empty_like(x3)).view_as(x)
 
 
-def _post_res_backward(ctx, dout):
-    """dx, dy and the per-C-block partials of dH_post [T, CB, n] and dH_res [T, CB, n, n]."""
+def _post_res_backward(ctx, dout, with_x=True):
+    """dx, dy and the per-C-block partials of dH_post [T, CB, n] and dH_res [T, CB, n, n].
+    ``with_x`` False (the linked pair's "dx once" backward): ``(None, dy, dH_post partials,
+    None)``, and x is not read."""
     x3, y2, hp, hr = ctx.saved_tensors
     y_dtype = ctx.meta[1]
     t, n, c = x3.shape
     d = _contig(dout.reshape(t, n, c))
-    dx = torch.empty_like(x3)
+    dx = torch.empty_like(x3) if with_x else None
     dy = torch.empty(t, c, device=x3.device, dtype=y_dtype)
     bt, bc, warps = merge_tile(c)
     cb = _cdiv(c, bc)
     dhp_part = torch.empty(t, cb, n, device=x3.device, dtype=torch.float32)
-    dhr_part = torch.empty(t, cb, n, n, device=x3.device, dtype=torch.float32)
+    dhr_part = torch.empty(t, cb, n, n, device=x3.device, dtype=torch.float32) if with_x else None
     post_res_bwd_kernel[(_cdiv(t, bt), cb)](
-        x3, y2, hp, hr, d, dx, dy, dhp_part, dhr_part, t, c, cb, N=n, NP=_pow2(n), BT=bt,
-        BC=bc, num_warps=warps)
+        x3, y2, hp, hr, d, dx if with_x else d, dy, dhp_part, dhr_part if with_x else dhp_part,
+        t, c, cb, N=n, NP=_pow2(n), BT=bt, BC=bc, WITH_X=with_x, num_warps=warps)
     return dx, dy, dhp_part, dhr_part
 
 
@@ -232,12 +238,16 @@ class _LinkedPostResFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         lead = ctx.meta[0]
-        dx, dy, dhp_part, dhr_part = _post_res_backward(ctx, dout)
         link = ctx.link
+        dx_once = _launch.BACKWARD_DX_ONCE == "1"
+        dx, dy, dhp_part, dhr_part = _post_res_backward(ctx, dout, with_x=not dx_once)
         link.dx, link.dh_post_part, link.dh_res_part = dx, dhp_part, dhr_part
-        link.stream = torch.cuda.current_stream(dx.device) if dx.is_cuda else None
-        n, c = dx.shape[-2], dx.shape[-1]
-        return dx.view(*lead, n, c), dy.view(*lead, c), None, None, None
+        if dx_once:  # the entry's backward applies H_res^T to g and sums dH_res = g x^T
+            x3, _, _, hr = ctx.saved_tensors
+            link.g, link.h_res = _contig(dout.reshape(x3.shape)), hr
+        link.stream = torch.cuda.current_stream(dy.device) if dy.is_cuda else None
+        c = dy.shape[-1]
+        return (None if dx_once else dx.view(*lead, -1, c)), dy.view(*lead, c), None, None, None
 
 
 def _cuda_merge_project(x3, y2, hp, hr, next_phi):

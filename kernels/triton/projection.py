@@ -74,7 +74,7 @@ def _norm_proj_bwd_configs():
 
 
 @triton.autotune(configs=_norm_proj_bwd_configs(),
-                 key=["K", "C", "M", "WITH_PRE", "ADD_DX", "DOT_MODE", "ACCUMULATE"],
+                 key=["K", "C", "M", "WITH_PRE", "ADD_DX", "DOT_MODE", "ACCUMULATE", "G_RES"],
                  reset_to_zero=[], restore_value=["dx_ptr", "dphi_ptr", "dalpha_ptr", "dbias_ptr"])
 @triton.jit
 def norm_proj_bwd_kernel(
@@ -85,6 +85,7 @@ def norm_proj_bwd_kernel(
     N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, SP: tl.constexpr,
     DOT_MODE: tl.constexpr, WITH_PRE: tl.constexpr, ADD_DX: tl.constexpr,
     ACCUMULATE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    g_ptr=None, h_res_ptr=None, G_RES: tl.constexpr = False,
 ):
     """dx = dproj @ phi^T + coef * x (+ pre-apply term, + dx_add), dphi partial = x^T @ dproj,
     and the parameter gradients dphi, dalpha, dbias, in one launch.
@@ -100,6 +101,11 @@ def norm_proj_bwd_kernel(
     last (deterministic), writes them in the outputs' dtypes (ACCUMULATE: adds them in float32 to
     what the outputs hold, Megatron's ``main_grad``), and sets the counter back to zero for the
     next launch or CUDA-graph replay. SP: SPLITS rounded up to a power of two.
+
+    G_RES (the "dx once" backward): also add the merge's term ``sum_j H_res[t, j, i] g[t, j, c]``
+    (k = i*C + c) from its upstream gradient g ``[T, n*C]`` and float32 ``h_res [T, n, n]``: the
+    merge backward then writes no dx of its own. ``dx_ptr`` must not be ``g_ptr`` (other
+    programs still read g_i after this one writes dx_i).
 
     WITH_PRE: also add the pre-apply gradient h_pre[t, i] * d_agg[t, c] (k = i*C + c), so the
     fused entry op writes its whole dx in this one pass. ADD_DX: also add ``dx_add`` (the post/res
@@ -144,6 +150,19 @@ def norm_proj_bwd_kernel(
         if ADD_DX:
             dxt += tl.load(dx_add_ptr + rows[:, None] * K + ks[None, :],
                            mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if G_RES:
+            m2g = row_ok[:, None] & k_ok[None, :]
+            for j in tl.static_range(N):
+                gj = tl.load(g_ptr + rows[:, None] * K + (j * C + ks % C)[None, :], mask=m2g,
+                             other=0.0).to(tl.float32)
+                if C % BK == 0:  # the block lies in one stream, (kb * BK) // C
+                    hr = tl.load(h_res_ptr + rows * (N * N) + j * N + (kb * BK) // C,
+                                 mask=row_ok, other=0.0)
+                    dxt += hr[:, None] * gj
+                else:
+                    hr2 = tl.load(h_res_ptr + rows[:, None] * (N * N) + j * N + (ks // C)[None, :],
+                                  mask=m2g, other=0.0)
+                    dxt += hr2 * gj
         if WITH_PRE:
             m2 = row_ok[:, None] & k_ok[None, :]
             da = tl.load(d_agg_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0)

@@ -56,6 +56,9 @@ def info() -> int:
     print(f"  cross-sublayer fusion   {'on' if fusion == '1' else 'off'} "
           f"(MHC_CROSS_SUBLAYER_FUSION); its CUDA merge + projection kernel: "
           f"{merge_project.status_without_build()}")
+    dx_once = os.environ.get("MHC_BACKWARD_DX_ONCE", "0")  # kernels/triton validates it
+    print(f"  dx-once backward        {'on' if dx_once == '1' else 'off'} (MHC_BACKWARD_DX_ONCE; "
+          "opt-in, not yet timed on a GPU)")
     return 0
 
 
