@@ -811,30 +811,20 @@ def test_unknown_backward_gemm_operands_are_refused(monkeypatch):
         agg.sum().backward()
 
 
-def test_unknown_cross_sublayer_fusion_switch_is_refused():
-    """A bad MHC_CROSS_SUBLAYER_FUSION stops the import with an error naming it and 0, 1."""
+@pytest.mark.parametrize("variable, value", [("MHC_CROSS_SUBLAYER_FUSION", "yes"),
+                                             ("MHC_BACKWARD_DX_ONCE", "on")])
+def test_unknown_kernel_switch_is_refused(variable, value):
+    """A bad MHC_CROSS_SUBLAYER_FUSION or MHC_BACKWARD_DX_ONCE stops the import with an error
+    naming it and 0, 1."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, MHC_CROSS_SUBLAYER_FUSION="yes")
+    env = dict(os.environ, **{variable: value})
     done = subprocess.run([sys.executable, "-c", "import megatron_mhc.kernels.triton"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "MHC_CROSS_SUBLAYER_FUSION='yes': allowed 0, 1" in done.stderr
-
-
-def test_unknown_dx_once_switch_is_refused():
-    """A bad MHC_BACKWARD_DX_ONCE stops the import with an error naming it and 0, 1."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, MHC_BACKWARD_DX_ONCE="on")
-    done = subprocess.run([sys.executable, "-c", "import megatron_mhc.kernels.triton"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "MHC_BACKWARD_DX_ONCE='on': allowed 0, 1" in done.stderr
+    assert f"{variable}={value!r}: allowed 0, 1" in done.stderr
 
 
 @pytest.fixture

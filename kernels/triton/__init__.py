@@ -28,10 +28,9 @@ The public names are re-exported here. A module-level setting is read where it i
 change ``BACKWARD_DOT_OPERANDS`` on ``megatron_mhc.kernels.triton.projection``, not here.
 """
 
-import os
-
 from megatron_mhc.core.ops import reference
 from megatron_mhc.core.ops.opset import MHCOps
+from megatron_mhc.kernels.triton._launch import _env_switch
 from megatron_mhc.kernels.triton.entry import SublayerLink, enter, enter_linked
 from megatron_mhc.kernels.triton.mappings import (
     MAPPINGS_BWD_TILE,
@@ -72,9 +71,7 @@ __all__ = [
 #: +13.6 % vs +13.7 %, the graphed 12-layer C = 768 example ~1 % slower (benchmarks/RESULTS.md),
 #: so the default stays. The ops themselves are always available here (``merge_linked_project``,
 #: ``enter_linked(..., projection=...)``).
-CROSS_SUBLAYER_FUSION = os.environ.get("MHC_CROSS_SUBLAYER_FUSION", "0")
-if CROSS_SUBLAYER_FUSION not in ("0", "1"):
-    raise ValueError(f"MHC_CROSS_SUBLAYER_FUSION={CROSS_SUBLAYER_FUSION!r}: allowed 0, 1")
+CROSS_SUBLAYER_FUSION = _env_switch("MHC_CROSS_SUBLAYER_FUSION")
 
 TRITON_OPS = MHCOps(
     name="triton",

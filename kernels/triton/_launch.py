@@ -16,9 +16,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: dH_res = g·xᵀ, and the entry's dx pass applies H_resᵀ·g itself, so the stream's dx is written
 #: once per sublayer (56·C instead of 64·C bytes per token at n = 4, bf16). Off by default: not
 #: yet timed on a GPU (benchmarks/NOTES_kernels.md, "After v16"). Read at every backward.
-BACKWARD_DX_ONCE = os.environ.get("MHC_BACKWARD_DX_ONCE", "0")
-if BACKWARD_DX_ONCE not in ("0", "1"):
-    raise ValueError(f"MHC_BACKWARD_DX_ONCE={BACKWARD_DX_ONCE!r}: allowed 0, 1")
+def _env_switch(name: str) -> str:
+    """The on/off environment switch ``name``: "0" (unset) or "1"; any other value stops with
+    an error naming the variable and the allowed values."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: allowed 0, 1")
+    return value
+
+
+BACKWARD_DX_ONCE = _env_switch("MHC_BACKWARD_DX_ONCE")
 
 
 # Plain-Python launch arithmetic: triton.cdiv / triton.next_power_of_2 are constexpr-function

@@ -220,45 +220,13 @@ def pre_mappings_bwd_kernel(
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     row_ok = rows < T
-    if WITH_G:
-        dh_pre, dh_res = _pre_dh_and_res(x_ptr, d_agg_ptr, g_ptr, rows, row_ok, C, N, NP, BT, BC)
-    else:
-        # No dx here (WRITE_DX False): the h and dx arguments are unused placeholders.
-        dh_pre = _pre_apply_dh(x_ptr, d_agg_ptr, 0.0, x_ptr, rows, row_ok, C, N, NP, BT, BC,
-                               False)
-        dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
+    # No dx here (WRITE_DX False): the h and dx arguments are unused placeholders.
+    dh_pre, dh_res = _pre_apply_dh(x_ptr, d_agg_ptr, 0.0, x_ptr, rows, row_ok, C, N, NP, BT, BC,
+                                   False, g_ptr, WITH_G)
     _mappings_bwd_tile(pid, rows, row_ok, dh_pre, proj_ptr, rinv_ptr, alpha_ptr, bias_ptr,
                        dh_post_ptr, dh_res_ptr, dproj_ptr, coef_ptr, dalpha_part_ptr,
                        dbias_part_ptr, lse_scratch_ptr, K, CB, N, NP, M, VARIANT_MHC, ITERS, BT,
                        dh_res, RES_PARTS)
-
-
-@triton.jit
-def _pre_dh_and_res(x_ptr, d_agg_ptr, g_ptr, rows, row_ok, C,
-                    N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """``dH_pre [BT, NP]`` and ``dH_res [BT, NP, NP]`` of tokens ``rows`` in one pass over their
-    rows of x, d_agg and g (x_j re-read per stream from L1, as the merge backward does)."""
-    ii = tl.arange(0, NP)
-    i_ok = ii < N
-    dh = tl.zeros([BT, NP], dtype=tl.float32)
-    dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        cs = c0 + tl.arange(0, BC)
-        c_ok = cs < C
-        mask = row_ok[:, None] & c_ok[None, :]
-        m3 = row_ok[:, None, None] & i_ok[None, :, None] & c_ok[None, None, :]
-        d = tl.load(d_agg_ptr + rows[:, None] * C + cs[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
-        x3 = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
-        g3 = tl.load(g_ptr + offs, mask=m3, other=0.0).to(tl.float32)
-        dh += tl.sum(x3 * d[:, None, :], axis=2)
-        for j in tl.static_range(N):
-            xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
-            col = tl.sum(g3 * xj[:, None, :], axis=2)  # dH_res[:, i, j] over i: [BT, NP]
-            dh_res += tl.where((ii == j)[None, None, :], col[:, :, None], 0.0)
-    return dh, dh_res
 
 
 @triton.jit

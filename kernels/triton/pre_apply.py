@@ -33,25 +33,37 @@ def pre_apply_fwd_kernel(x_ptr, h_ptr, out_ptr, T, C,
 @triton.jit
 def _pre_apply_dh(x_ptr, dout_ptr, h, dx_ptr, rows, row_ok, C,
                   N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                  WRITE_DX: tl.constexpr):
-    """``dh[t, i] = sum_c x[t, i, c] dout[t, c]`` of tokens ``rows`` ([BT, NP] float32), one pass
-    over their whole rows; WRITE_DX: also ``dx[t, i, c] = h[t, i] dout[t, c]`` (h ``[BT, NP]``)."""
+                  WRITE_DX: tl.constexpr, g_ptr=None, WITH_G: tl.constexpr = False):
+    """``(dh, dh_res)``: ``dh[t, i] = sum_c x[t, i, c] dout[t, c]`` of tokens ``rows`` ([BT, NP]
+    float32), one pass over their whole rows; WRITE_DX: also ``dx[t, i, c] = h[t, i] dout[t, c]``
+    (h ``[BT, NP]``). WITH_G (the entry's "dx once" backward): the same pass also sums
+    ``dh_res[t, i, j] = sum_c g[t, i, c] x[t, j, c]`` ([BT, NP, NP]; x_j re-read per stream from
+    L1, as the merge backward does) from g ``[T, n, C]``; else ``dh_res`` is zeros."""
     ii = tl.arange(0, NP)
     i_ok = ii < N
     dh = tl.zeros([BT, NP], dtype=tl.float32)
+    dh_res = tl.zeros([BT, NP, NP], dtype=tl.float32)
     for c0 in range(0, C, BC):
         cs = c0 + tl.arange(0, BC)
         c_ok = cs < C
+        mask = row_ok[:, None] & c_ok[None, :]
         m3 = row_ok[:, None, None] & i_ok[None, :, None] & c_ok[None, None, :]
-        d = tl.load(dout_ptr + rows[:, None] * C + cs[None, :],
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        d = tl.load(dout_ptr + rows[:, None] * C + cs[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
         offs = rows[:, None, None] * (N * C) + ii[None, :, None] * C + cs[None, None, :]
         x3 = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
         dh += tl.sum(x3 * d[:, None, :], axis=2)
         if WRITE_DX:
             tl.store(dx_ptr + offs, (h[:, :, None] * d[:, None, :]).to(dx_ptr.dtype.element_ty),
                      mask=m3)
-    return dh
+        if WITH_G:
+            g3 = tl.load(g_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+            for j in tl.static_range(N):
+                xj = tl.load(x_ptr + rows[:, None] * (N * C) + j * C + cs[None, :], mask=mask,
+                             other=0.0).to(tl.float32)
+                col = tl.sum(g3 * xj[:, None, :], axis=2)  # dH_res[:, i, j] over i: [BT, NP]
+                dh_res += tl.where((ii == j)[None, None, :], col[:, :, None], 0.0)
+    return dh, dh_res
 
 
 @triton.jit
@@ -63,7 +75,8 @@ def pre_apply_bwd_kernel(x_ptr, h_ptr, dout_ptr, dx_ptr, dh_ptr, T, C,
     ii = tl.arange(0, NP)
     m2 = row_ok[:, None] & (ii < N)[None, :]
     h = tl.load(h_ptr + rows[:, None] * N + ii[None, :], mask=m2, other=0.0)  # [BT, NP]
-    dh = _pre_apply_dh(x_ptr, dout_ptr, h, dx_ptr, rows, row_ok, C, N, NP, BT, BC, WRITE_DX)
+    dh, _ = _pre_apply_dh(x_ptr, dout_ptr, h, dx_ptr, rows, row_ok, C, N, NP, BT, BC,
+                          WRITE_DX)
     tl.store(dh_ptr + rows[:, None] * N + ii[None, :], dh, mask=m2)
 
 
