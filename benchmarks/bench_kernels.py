@@ -11,7 +11,8 @@ TileKernels (DeepSeek's ``tile-kernels``) is timed where it has the same op and 
 A second table times one sublayer's whole mHC work (entry + merge around an identity sublayer,
 fwd + bwd) with its peak memory: this project's linked pair with cross-sublayer fusion (the entry
 takes the previous merge's projection, the merge makes the next one's), without it (bf16 and tf32
-backward GEMMs), the unlinked composition, and the peers users could pick instead — Transformer-Engine's
+backward GEMMs), with the opt-in "dx once" backward (``MHC_BACKWARD_DX_ONCE``), the unlinked
+composition, and the peers users could pick instead — Transformer-Engine's
 ``transformer_engine.pytorch.triton.mhc`` (with and without its ``fused_grad_x_acc_buffer``,
 allocated once and not re-zeroed between steps: timing only, its values are not checked) and
 Liger-Kernel's ``liger_mhc_*`` — in interleaved rounds of one run.
@@ -180,6 +181,7 @@ def sublayer_floor_bytes(t: int, n: int, c: int, b: int) -> int:
 def sublayer_steps(t: int, n: int, c: int) -> dict:
     """name -> (step closure running fwd + bwd on fresh leaves, or None, reason)."""
     from megatron_mhc.kernels import triton as T
+    from megatron_mhc.kernels.triton import _launch  # BACKWARD_DX_ONCE, read at every backward
     from megatron_mhc.kernels.triton import projection as proj_module  # BACKWARD_DOT_OPERANDS
 
     dt, m = torch.bfloat16, n * n + 2 * n
@@ -193,11 +195,13 @@ def sublayer_steps(t: int, n: int, c: int) -> dict:
     def leaves(*tensors):
         return [v.detach().clone().requires_grad_(True) for v in tensors]
 
-    def ours(linked: bool, dot: str):
+    def ours(linked: bool, dot: str, dx_once: bool = False):
         x, phi, alpha, bias = leaves(x0, phi0.to(dt), alpha0.to(dt), bias0.to(dt))
 
         def step():
             proj_module.BACKWARD_DOT_OPERANDS = dot
+            default_dx_once = _launch.BACKWARD_DX_ONCE
+            _launch.BACKWARD_DX_ONCE = "1" if dx_once else "0"
             try:
                 if linked:
                     agg, hp, hr, x_link, link = T.enter_linked(x, phi, alpha, bias)
@@ -208,6 +212,7 @@ def sublayer_steps(t: int, n: int, c: int) -> dict:
                 out.backward(grad)
             finally:
                 proj_module.BACKWARD_DOT_OPERANDS = "input"
+                _launch.BACKWARD_DX_ONCE = default_dx_once
             for v in (x, phi, alpha, bias):
                 v.grad = None
         return step, ""
@@ -231,6 +236,7 @@ def sublayer_steps(t: int, n: int, c: int) -> dict:
         "ours, linked + cross-sublayer fusion": ours_fused(),
         "ours, linked (bf16 bwd GEMMs)": ours(True, "input"),
         "ours, linked (tf32 bwd GEMMs)": ours(True, "tf32"),
+        "ours, linked, dx-once backward": ours(True, "input", dx_once=True),
         "ours, unlinked (enter + merge, autograd dx add)": ours(False, "input"),
     }
     try:

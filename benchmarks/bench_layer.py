@@ -49,8 +49,9 @@ def build_block(args, impl: str, variant: str, backend: str, recompute=None):
 #: Kernel-set variants of the triton backend (``--backends``), for before/after pairs in one run:
 #: ``triton-unlinked`` composes enter + merge (autograd adds the two dx), ``triton-tf32`` runs the
 #: mapping backward's GEMMs on tf32 instead of bf16 operands, ``triton-fused`` adds the
-#: cross-sublayer fusion (off by default: ``MHC_CROSS_SUBLAYER_FUSION``).
-TRITON_VARIANTS = ("triton-unlinked", "triton-tf32", "triton-fused")
+#: cross-sublayer fusion (off by default: ``MHC_CROSS_SUBLAYER_FUSION``), ``triton-dx-once`` the
+#: linked pair's "dx once" backward (off by default: ``MHC_BACKWARD_DX_ONCE``).
+TRITON_VARIANTS = ("triton-unlinked", "triton-tf32", "triton-fused", "triton-dx-once")
 
 
 def make_step(args, impl: str, variant: str, backend: str, recompute=None):
@@ -72,16 +73,19 @@ def make_step(args, impl: str, variant: str, backend: str, recompute=None):
             if isinstance(module, HyperConnection):
                 module.ops = dataclasses.replace(module.ops, **changed)
     dot = "tf32" if backend == "triton-tf32" else "input"
-    from megatron_mhc.kernels.triton import projection  # where BACKWARD_DOT_OPERANDS is read
+    dx_once = "1" if backend == "triton-dx-once" else "0"
+    from megatron_mhc.kernels.triton import _launch, projection  # where the switches are read
     x = torch.randn(args.seq, args.micro_batch, args.hidden, device="cuda",
                     dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
     def step():
         projection.BACKWARD_DOT_OPERANDS = dot
+        default_dx_once, _launch.BACKWARD_DX_ONCE = _launch.BACKWARD_DX_ONCE, dx_once
         out = block(hidden_states=x, attention_mask=None)
         out.backward(grad)
         projection.BACKWARD_DOT_OPERANDS = "input"
+        _launch.BACKWARD_DX_ONCE = default_dx_once
         x.grad = None
         for p in block.parameters():
             p.grad = None

@@ -13,10 +13,14 @@
 #                                             C = 4096 (4 layers) and C = 7168 (2 layers)
 #   bash benchmarks/overhead_runs.sh host     bench_host_overhead.py: host time and kernels per call,
 #                                             linked vs unlinked sublayer ops
+#   bash benchmarks/overhead_runs.sh dxonce   the opt-in "dx once" backward (MHC_BACKWARD_DX_ONCE):
+#                                             its GPU tests, the dx-pass probe, one sublayer with
+#                                             and without it (C = 4096, 7168), and the TE block
+#                                             (C = 4096, 4 layers) when Transformer-Engine imports
 #
 # Each stage's output goes to $OUT/<stage>.txt and is printed.
 set -uo pipefail
-STAGE=${1:?usage: overhead_runs.sh tests|kernels|layer|host}
+STAGE=${1:?usage: overhead_runs.sh tests|kernels|layer|host|dxonce}
 source benchmarks/device_setup.sh || exit 1
 mkdir -p "${OUT:=/tmp/out}"
 log=$OUT/$STAGE.txt
@@ -35,6 +39,19 @@ layer)
     done ;;
 host)
     python3 benchmarks/bench_host_overhead.py >> "$log" 2>&1 ;;
+dxonce)
+    step() { echo "== $*" >> "$log"; timeout "${STEP_TIMEOUT:-420}" "$@" >> "$log" 2>&1; echo "rc=$?" >> "$log"; }
+    step python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+        -k "dx_once or token_splits"
+    step python3 benchmarks/probes/probe_dx_once.py --shapes 8192x4096 8192x7168
+    step python3 benchmarks/bench_kernels.py --only sublayer --hidden 4096 7168 --rounds 3
+    if python3 -c "import transformer_engine.pytorch" 2> /dev/null; then
+        step python3 benchmarks/bench_layer.py --impl te --hidden 4096 --layers 4 --rounds 3 \
+            --backends triton,triton-dx-once
+    else
+        echo "== TE block not run: Transformer-Engine does not import (stage it first)" >> "$log"
+    fi
+    ! grep -q "^rc=[1-9]" "$log" ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
 rc=$?

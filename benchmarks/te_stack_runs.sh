@@ -23,7 +23,8 @@
 #                                              torch backend and cross-sublayer fusion; every
 #                                              loss curve compared with the first triton run's
 #                                              (RUNS="torch_b ...": other runs; torch* names run
-#                                              the torch backend, *fused* names turn fusion on)
+#                                              the torch backend, *fused* names turn fusion on,
+#                                              *dxonce* names MHC_BACKWARD_DX_ONCE=1)
 #   bash benchmarks/te_stack_runs.sh profile   1 GPU: plain then mHC, ITERS (default 30) iterations
 #                                              each, PyTorch profiler over iterations 20-22
 #                                              (GRAPHS=local: with per-layer CUDA graphs); GPU
@@ -122,8 +123,9 @@ losscurve)
     for name in ${RUNS:-triton_a torch triton_b triton_fused}; do  # the name picks the backend
         backend=triton; [[ $name == torch* ]] && backend=torch
         fusion=0; [[ $name == *fused* ]] && fusion=1
+        dx_once=0; [[ $name == *dxonce* ]] && dx_once=1
         run "$name" "MHC_ARGS=$NO_RECOMPUTE --mhc-kernel-backend $backend" \
-            MHC_CROSS_SUBLAYER_FUSION=$fusion
+            MHC_CROSS_SUBLAYER_FUSION=$fusion MHC_BACKWARD_DX_ONCE=$dx_once
     done
     if [[ -f $LOGS/triton_a.log ]]; then table --reference triton_a; else table; fi ;;
 profile)

@@ -11,11 +11,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Triton's interpreter has no 16-bit tl.dot: 16-bit inputs take the (exact) tf32 path there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-#: The linked pair's "dx once" backward (``MHC_BACKWARD_DX_ONCE=1``): the merge backward reads
-#: only its upstream gradient g and y (dy, dH_post), the entry's mapping pass also sums
-#: dH_res = g·xᵀ, and the entry's dx pass applies H_resᵀ·g itself, so the stream's dx is written
-#: once per sublayer (56·C instead of 64·C bytes per token at n = 4, bf16). Off by default: not
-#: yet timed on a GPU (benchmarks/NOTES_kernels.md, "After v16"). Read at every backward.
+
 def _env_switch(name: str) -> str:
     """The on/off environment switch ``name``: "0" (unset) or "1"; any other value stops with
     an error naming the variable and the allowed values."""
@@ -25,6 +21,11 @@ def _env_switch(name: str) -> str:
     return value
 
 
+#: The linked pair's "dx once" backward (``MHC_BACKWARD_DX_ONCE=1``): the merge backward reads
+#: only its upstream gradient g and y (dy, dH_post), the entry's mapping pass also sums
+#: dH_res = g·xᵀ, and the entry's dx pass applies H_resᵀ·g itself, so the stream's dx is written
+#: once per sublayer (56·C instead of 64·C bytes per token at n = 4, bf16). Off by default: not
+#: yet timed on a GPU (benchmarks/NOTES_kernels.md, "After v16"). Read at every backward.
 BACKWARD_DX_ONCE = _env_switch("MHC_BACKWARD_DX_ONCE")
 
 
