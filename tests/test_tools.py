@@ -339,6 +339,24 @@ def test_training_numerics_check_runs_on_cpu():
         assert "TRITON_INTERPRET=1" in no_triton.stderr
 
 
+def test_dx_pass_probe_agrees_with_float64():
+    """benchmarks/probes/probe_dx_once.py --check: the dx-pass layouts it times on a GPU (one
+    stream per program adding dx_merge or applying H_res to g; all streams per program, with and
+    without the previous merge's dy) against float64, under Triton's interpreter on CPU."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "probes" / "probe_dx_once.py"
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "relative error" in line]
+    assert len(lines) == 4 and "FOLD_DY=True" in lines[-1], done.stdout
+
+
 @pytest.mark.slow
 def test_saved_activation_report_counts_the_streams():
     """benchmarks/saved_activations.py on CPU (tiny local block, Triton interpreted): mHC n=4 keeps
