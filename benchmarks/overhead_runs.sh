@@ -16,7 +16,9 @@
 #   bash benchmarks/overhead_runs.sh dxonce   the opt-in "dx once" backward (MHC_BACKWARD_DX_ONCE):
 #                                             its GPU tests, the dx-pass probe, one sublayer with
 #                                             and without it (C = 4096, 7168), and the TE block
-#                                             (C = 4096, 4 layers) when Transformer-Engine imports
+#                                             (C = 4096, 4 layers) when Transformer-Engine imports;
+#                                             STEPS="tests probe" / "sublayer block" splits it
+#                                             over two device calls (600 s each)
 #
 # Each stage's output goes to $OUT/<stage>.txt and is printed.
 set -uo pipefail
@@ -40,15 +42,20 @@ layer)
 host)
     python3 benchmarks/bench_host_overhead.py >> "$log" 2>&1 ;;
 dxonce)
-    step() { echo "== $*" >> "$log"; timeout "${STEP_TIMEOUT:-420}" "$@" >> "$log" 2>&1; echo "rc=$?" >> "$log"; }
-    step python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    steps=" ${STEPS:-tests probe sublayer block} "
+    step() {  # step NAME COMMAND...: run it if NAME is in STEPS, output and rc= into the log
+        [[ $steps == *" $1 "* ]] || return 0
+        shift; echo "== $*" >> "$log"
+        timeout "${STEP_TIMEOUT:-420}" "$@" >> "$log" 2>&1; echo "rc=$?" >> "$log"
+    }
+    step tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
         -k "dx_once or token_splits"
-    step python3 benchmarks/probes/probe_dx_once.py --shapes 8192x4096 8192x7168
-    step python3 benchmarks/bench_kernels.py --only sublayer --hidden 4096 7168 --rounds 3
+    step probe python3 benchmarks/probes/probe_dx_once.py --shapes 8192x4096 8192x7168
+    step sublayer python3 benchmarks/bench_kernels.py --only sublayer --hidden 4096 7168 --rounds 3
     if python3 -c "import transformer_engine.pytorch" 2> /dev/null; then
-        step python3 benchmarks/bench_layer.py --impl te --hidden 4096 --layers 4 --rounds 3 \
-            --backends triton,triton-dx-once
-    else
+        step block python3 benchmarks/bench_layer.py --impl te --hidden 4096 --layers 4 \
+            --rounds 3 --backends triton,triton-dx-once
+    elif [[ $steps == *" block "* ]]; then
         echo "== TE block not run: Transformer-Engine does not import (stage it first)" >> "$log"
     fi
     ! grep -q "^rc=[1-9]" "$log" ;;
