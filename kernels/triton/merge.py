@@ -193,8 +193,10 @@ def _post_res_forward(ctx, x, y, h_post, h_res):
 
 def _post_res_backward(ctx, dout, with_x=True):
     """dx, dy and the per-C-block partials of dH_post [T, CB, n] and dH_res [T, CB, n, n].
-    ``with_x`` False (the linked pair's "dx once" backward): ``(None, dy, dH_post partials,
-    None)``, and x is not read."""
+    ``with_x`` False (the linked pair's "dx once" backward): x is not read and no dx or dH_res is
+    made; ``(g, dy, dH_post partials, H_res)`` come back instead, g the upstream gradient as the
+    contiguous [T, n, C] the kernel read and H_res the saved float32 [T, n, n], which the entry's
+    backward turns into dx and dH_res."""
     x3, y2, hp, hr = ctx.saved_tensors
     y_dtype = ctx.meta[1]
     t, n, c = x3.shape
@@ -208,6 +210,8 @@ def _post_res_backward(ctx, dout, with_x=True):
     post_res_bwd_kernel[(_cdiv(t, bt), cb)](
         x3, y2, hp, hr, d, dx if with_x else d, dy, dhp_part, dhr_part if with_x else dhp_part,
         t, c, cb, N=n, NP=_pow2(n), BT=bt, BC=bc, WITH_X=with_x, num_warps=warps)
+    if not with_x:
+        return d, dy, dhp_part, hr
     return dx, dy, dhp_part, dhr_part
 
 
@@ -239,15 +243,15 @@ class _LinkedPostResFunction(torch.autograd.Function):
     def backward(ctx, dout):
         lead = ctx.meta[0]
         link = ctx.link
-        dx_once = _launch.BACKWARD_DX_ONCE == "1"
-        dx, dy, dhp_part, dhr_part = _post_res_backward(ctx, dout, with_x=not dx_once)
-        link.dx, link.dh_post_part, link.dh_res_part = dx, dhp_part, dhr_part
-        if dx_once:  # the entry's backward applies H_res^T to g and sums dH_res = g x^T
-            x3, _, _, hr = ctx.saved_tensors
-            link.g, link.h_res = _contig(dout.reshape(x3.shape)), hr
+        if _launch.BACKWARD_DX_ONCE == "1":  # the entry's backward applies H_res^T to g and
+            # sums dH_res = g x^T
+            link.g, dy, link.dh_post_part, link.h_res = _post_res_backward(ctx, dout, with_x=False)
+            link.dx = link.dh_res_part = None
+        else:
+            link.dx, dy, link.dh_post_part, link.dh_res_part = _post_res_backward(ctx, dout)
         link.stream = torch.cuda.current_stream(dy.device) if dy.is_cuda else None
-        c = dy.shape[-1]
-        return (None if dx_once else dx.view(*lead, -1, c)), dy.view(*lead, c), None, None, None
+        dx, c = link.dx, dy.shape[-1]
+        return (None if dx is None else dx.view(*lead, -1, c)), dy.view(*lead, c), None, None, None
 
 
 def _cuda_merge_project(x3, y2, hp, hr, next_phi):
