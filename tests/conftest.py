@@ -57,3 +57,21 @@ def megatron_cpu():
     yield
     destroy_cpu_distributed()
     unpatch_megatron_for_cpu()
+
+
+@pytest.fixture
+def merge_x_reads(monkeypatch):
+    """A list of the ``with_x`` of every Triton merge backward that runs from here on (False: the
+    "dx once" backward's merge, which reads no x and writes no dx). Skips without Triton."""
+    pytest.importorskip("triton")
+    from megatron_mhc.kernels.triton import merge
+
+    calls = []
+    real = merge._post_res_backward
+
+    def spy(ctx, dout, with_x=True):
+        calls.append(with_x)
+        return real(ctx, dout, with_x)
+
+    monkeypatch.setattr(merge, "_post_res_backward", spy)
+    return calls

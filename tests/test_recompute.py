@@ -156,27 +156,18 @@ def test_rebuild_policies_bound_the_streams_alive(megatron_cpu, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", [None, 2], ids=["stored", "recompute-L_r=2"])
-def test_dx_once_backward_through_the_model(megatron_cpu, monkeypatch, block):
+def test_dx_once_backward_through_the_model(megatron_cpu, monkeypatch, merge_x_reads, block):
     """The opt-in "dx once" backward (``MHC_BACKWARD_DX_ONCE=1``) in a 4-layer GPT on the triton
     ops, with the streams stored and with recompute in blocks of 2 layers: every merge backward
     runs without x, and loss and gradients equal the default backward's to float32 rounding."""
-    pytest.importorskip("triton")
-    from megatron_mhc.kernels.triton import _launch, merge
+    from megatron_mhc.kernels.triton import _launch
 
-    x_read = []
-    real = merge._post_res_backward
-
-    def spy(ctx, dout, with_x=True):
-        x_read.append(with_x)
-        return real(ctx, dout, with_x)
-
-    monkeypatch.setattr(merge, "_post_res_backward", spy)
     loss0, grads0 = _run(block, "triton", [])
-    assert x_read and all(x_read)  # the default backward reads x in every merge
-    x_read.clear()
+    assert merge_x_reads and all(merge_x_reads)  # the default backward reads x in every merge
+    merge_x_reads.clear()
     monkeypatch.setattr(_launch, "BACKWARD_DX_ONCE", "1")
     loss1, grads1 = _run(block, "triton", [])
-    assert len(x_read) == 8 and not any(x_read)  # 4 layers, 2 sublayers each
+    assert len(merge_x_reads) == 8 and not any(merge_x_reads)  # 4 layers, 2 sublayers each
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     assert grads1.keys() == grads0.keys()
     for name, grad in grads0.items():

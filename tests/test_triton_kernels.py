@@ -828,21 +828,13 @@ def test_unknown_kernel_switch_is_refused(variable, value):
 
 
 @pytest.fixture
-def dx_once(monkeypatch):
+def dx_once(monkeypatch, merge_x_reads):
     """The linked pair's "dx once" backward switched on (``MHC_BACKWARD_DX_ONCE=1``); yields the
     ``with_x`` of every merge backward that runs (False: x not read, no dx written there)."""
-    from megatron_mhc.kernels.triton import _launch, merge
+    from megatron_mhc.kernels.triton import _launch
 
     monkeypatch.setattr(_launch, "BACKWARD_DX_ONCE", "1")
-    calls = []
-    real = merge._post_res_backward
-
-    def spy(ctx, dout, with_x=True):
-        calls.append(with_x)
-        return real(ctx, dout, with_x)
-
-    monkeypatch.setattr(merge, "_post_res_backward", spy)
-    return calls
+    return merge_x_reads
 
 
 @pytest.mark.parametrize("dtype, n, c, extra_use, variant", [
