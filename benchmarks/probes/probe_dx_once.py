@@ -40,6 +40,20 @@ from megatron_mhc.kernels.triton.projection import _norm_proj_bwd_configs
 
 
 @triton.jit
+def _projection_terms(x_ptr, dproj_ptr, coef_ptr, phi_t, dphi, rows, row_ok, ks, cols_m, m_ok,
+                      K, M: tl.constexpr):
+    """The terms both layouts share for one token tile at columns ``ks``: the x tile, its
+    dx = dproj·φᵀ + coef·x (fp32) and the dφ partial plus xᵀ·dproj."""
+    xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
+    dp = tl.load(dproj_ptr + rows[:, None] * M + cols_m[None, :],
+                 mask=row_ok[:, None] & m_ok[None, :], other=0.0).to(xt.dtype)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    dphi = tl.dot(tl.trans(xt), dp, dphi)
+    dxt = tl.dot(dp, tl.trans(phi_t)) + coef[:, None] * xt.to(tl.float32)
+    return xt, dxt, dphi
+
+
+@triton.jit
 def dx_pass_kernel(x_ptr, phi_ptr, dproj_ptr, coef_ptr, h_pre_ptr, d_agg_ptr, grad_ptr,
                    h_res_ptr, dx_ptr, dphi_part_ptr, T, K, C, rows_per_split,
                    N: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, G_RES: tl.constexpr,
@@ -60,13 +74,8 @@ def dx_pass_kernel(x_ptr, phi_ptr, dproj_ptr, coef_ptr, h_pre_ptr, d_agg_ptr, gr
     for t0 in range(t_begin, t_begin + rows_per_split, BT):
         rows = t0 + tl.arange(0, BT)
         row_ok = rows < T
-        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
-        dp = tl.load(dproj_ptr + rows[:, None] * M + cols_m[None, :],
-                     mask=row_ok[:, None] & m_ok[None, :], other=0.0).to(xt.dtype)
-        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        dxt = tl.dot(dp, tl.trans(phi_t))
-        dphi = tl.dot(tl.trans(xt), dp, dphi)
-        dxt += coef[:, None] * xt.to(tl.float32)
+        xt, dxt, dphi = _projection_terms(x_ptr, dproj_ptr, coef_ptr, phi_t, dphi, rows, row_ok,
+                                          ks, cols_m, m_ok, K, M)
         da = tl.load(d_agg_ptr + rows[:, None] * C + cs[None, :], mask=row_ok[:, None], other=0.0)
         hp = tl.load(h_pre_ptr + rows * N + stream, mask=row_ok, other=0.0)
         dxt += hp[:, None] * da.to(tl.float32)
@@ -110,12 +119,8 @@ def all_streams_kernel(x_ptr, phi_ptr, dproj_ptr, coef_ptr, h_pre_ptr, d_agg_ptr
     for t0 in range(t_begin, t_begin + rows_per_split, BT):
         rows = t0 + tl.arange(0, BT)
         row_ok = rows < T
-        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
-        dp = tl.load(dproj_ptr + rows[:, None] * M + cols_m[None, :],
-                     mask=row_ok[:, None] & m_ok[None, :], other=0.0).to(xt.dtype)
-        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        dphi = tl.dot(tl.trans(xt), dp, dphi)
-        dxt = tl.dot(dp, tl.trans(phi_t)) + coef[:, None] * xt.to(tl.float32)
+        xt, dxt, dphi = _projection_terms(x_ptr, dproj_ptr, coef_ptr, phi_t, dphi, rows, row_ok,
+                                          ks, cols_m, m_ok, K, M)
         da = tl.load(d_agg_ptr + rows[:, None] * C + kb[None, :], mask=row_ok[:, None], other=0.0)
         hp = tl.load(h_pre_ptr + rows[:, None] * N + streams[None, :], mask=row_ok[:, None],
                      other=0.0)
@@ -158,13 +163,20 @@ def make_inputs(t: int, n: int, c: int, device: str, dtype=torch.bfloat16, seed:
                 h_post_prev=2 * rand(t, n).sigmoid())
 
 
-def launch(inp, n, c, g_res, bk, bt, warps=4, stages=2, splits=8):
+def _token_splits(inp, m, splits):
+    """``(rows per split, splits, dx, dφ partials)`` of a dx pass over ``inp``."""
     t, kdim = inp["x"].shape
-    m = n * n + 2 * n
     rows = triton.cdiv(triton.cdiv(t, splits), 128) * 128
     splits = triton.cdiv(t, rows)
     dx = torch.empty_like(inp["x"])
-    part = torch.empty(splits, kdim, m, device=dx.device)
+    return rows, splits, dx, torch.empty(splits, kdim, m, device=dx.device)
+
+
+def launch(inp, n, c, g_res, bk, bt, warps=4, stages=2, splits=8):
+    """The per-stream dx pass: (launch closure, dx, dφ partials)."""
+    t, kdim = inp["x"].shape
+    m = n * n + 2 * n
+    rows, splits, dx, part = _token_splits(inp, m, splits)
     fn = functools.partial(
         dx_pass_kernel[(kdim // bk, splits)], inp["x"], inp["phi"], inp["dproj"], inp["coef"],
         inp["h_pre"], inp["d_agg"], inp["grad"], inp["h_res"], dx, part, t, kdim, c, rows,
@@ -177,11 +189,8 @@ def launch_all_streams(inp, n, c, fold_dy, bk, bt, warps=4, stages=2, splits=8):
     """The all-streams dx pass: (launch closure, dx, dy_prev, dφ partials)."""
     t, kdim = inp["x"].shape
     m = n * n + 2 * n
-    rows = triton.cdiv(triton.cdiv(t, splits), 128) * 128
-    splits = triton.cdiv(t, rows)
-    dx = torch.empty_like(inp["x"])
+    rows, splits, dx, part = _token_splits(inp, m, splits)
     dy_prev = torch.empty(t, c, device=dx.device, dtype=dx.dtype)
-    part = torch.empty(splits, kdim, m, device=dx.device)
     fn = functools.partial(
         all_streams_kernel[(c // bk, splits)], inp["x"], inp["phi"], inp["dproj"], inp["coef"],
         inp["h_pre"], inp["d_agg"], inp["grad"], inp["h_res"], inp["h_post_prev"], dx, dy_prev,
@@ -191,7 +200,7 @@ def launch_all_streams(inp, n, c, fold_dy, bk, bt, warps=4, stages=2, splits=8):
 
 
 def check(device: str) -> None:
-    """Both variants against PyTorch in float64, on a small case."""
+    """Every layout against PyTorch in float64, on a small case."""
     n, c, t = 4, 128, 300
     inp = make_inputs(t, n, c, device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     d = {k: v.double() for k, v in inp.items()}
@@ -200,22 +209,23 @@ def check(device: str) -> None:
     g3 = d["grad"].view(t, n, c)
     want = {False: base + d["grad"],
             True: base + torch.einsum("tji,tjc->tic", d["h_res"], g3).reshape(t, n * c)}
+    dphi_want = d["x"].T @ d["dproj"]
+    dy_want = torch.einsum("ti,tic->tc", d["h_post_prev"], want[True].view(t, n, c))
+
+    def rel(got, ref):
+        return ((got.double() - ref).norm() / ref.norm()).item()
+
     for g_res in (False, True):
         fn, dx, part = launch(inp, n, c, g_res, bk=64, bt=32)
         fn()
-        err = ((dx.double() - want[g_res]).norm() / want[g_res].norm()).item()
-        derr = ((part.sum(0).double() - d["x"].T @ d["dproj"]).norm()
-                / (d["x"].T @ d["dproj"]).norm()).item()
+        err, derr = rel(dx, want[g_res]), rel(part.sum(0), dphi_want)
         print(f"G_RES={g_res}: dx relative error {err:.2e}, dphi {derr:.2e}")
         assert err < 2e-2 and derr < 2e-2, (g_res, err, derr)
-    dphi_want = d["x"].T @ d["dproj"]
-    dy_want = torch.einsum("ti,tic->tc", d["h_post_prev"], want[True].view(t, n, c))
     for fold_dy in (False, True):
         fn, dx, dy, part = launch_all_streams(inp, n, c, fold_dy, bk=32, bt=32)
         fn()
-        err = ((dx.double() - want[True]).norm() / want[True].norm()).item()
-        derr = ((part.sum(0).double() - dphi_want).norm() / dphi_want.norm()).item()
-        yerr = ((dy.double() - dy_want).norm() / dy_want.norm()).item() if fold_dy else 0.0
+        err, derr = rel(dx, want[True]), rel(part.sum(0), dphi_want)
+        yerr = rel(dy, dy_want) if fold_dy else 0.0
         print(f"all streams, FOLD_DY={fold_dy}: dx relative error {err:.2e}, dphi {derr:.2e}, "
               f"dy_prev {yerr:.2e}")
         assert err < 2e-2 and derr < 2e-2 and yerr < 2e-2, (fold_dy, err, derr, yerr)
